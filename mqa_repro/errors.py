@@ -1,0 +1,17 @@
+"""User-facing errors: one readable sentence, a non-zero exit, no traceback."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad spec, missing file, ...).
+
+    The CLI prints ``str(err)`` on one line and exits with status 2.
+    """
+
+
+class SpecError(UserError):
+    """An experiment spec that does not validate. The message names the file and the key."""
+
+    def __init__(self, path, key: str, message: str):
+        self.path, self.key = str(path), key
+        where = f"{self.path}: {key}" if key else self.path
+        super().__init__(f"{where}: {message}")
