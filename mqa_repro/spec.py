@@ -83,7 +83,13 @@ class HubSource:
     name: Optional[str] = None       # configuration, e.g. "de-en"
     splits: dict = field(default_factory=dict)   # our split file stem -> hub split name
     text_field: Optional[str] = None  # LM corpora: the text column (default "text")
-    max_train_lines: Optional[int] = None
+    max_train_lines: Optional[int] = None  # keep the first N examples of each training split
+    # The stems prepared from the hub when they differ from the local files' (default: data.train/dev/test),
+    # e.g. LM1B's hub has one "train" split where the local copy has several shards.
+    train: Optional[list] = None
+    dev: Optional[str] = None
+    test: Optional[list] = None
+    detokenize: bool = False         # the hub text is Moses-tokenised (local files: data.detokenize)
 
 
 @dataclass(frozen=True)
@@ -100,8 +106,11 @@ class DataSpec:
     spm_model_type: Literal["unigram", "bpe"] = "unigram"
     spm_character_coverage: float = 1.0
     spm_sample_lines: int = 1_000_000  # lines of training text SentencePiece learns from
-    max_len: int = 256               # subword tokens per side (LM: per sequence)
-    too_long: Literal["truncate", "drop"] = "truncate"
+    spm_seed: int = 0                # seeds the sample and SentencePiece: same seed, same vocabulary
+    spm_hard_vocab_limit: bool = True  # false: a corpus too small for vocab_size gets fewer pieces
+    max_len: int = 256               # positions per side (LM: per sequence), BOS/EOS included
+    # training examples longer than max_len: truncate, drop, or (LM only) split into consecutive pieces
+    too_long: Literal["truncate", "drop", "split"] = "truncate"
     hub: Optional[HubSource] = None  # where to get the corpus online
 
 
@@ -119,6 +128,8 @@ class TrainingSpec:
     z_loss: float = 0.0
     grad_clip: float = 1.0
     pack: bool = True                # pack short examples into rows of data.max_len
+    micro_batch_tokens: Optional[int] = None  # split each rank's batch into forward/backward passes of
+                                     # at most this many target tokens (gradient accumulation); None: one pass
     eval_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 50
@@ -356,9 +367,28 @@ def _check_sections(v: Variant, path, key: str) -> None:
     if d.max_len > v.model.max_positions:
         raise SpecError(path, f"{key}data.max_len", f"({d.max_len}) exceeds model.max_positions "
                         f"({v.model.max_positions})")
+    if d.max_len < 2:
+        raise SpecError(path, f"{key}data.max_len", f"must leave room for a token beside BOS/EOS, got {d.max_len}")
+    if d.spm_sample_lines <= 0:
+        raise SpecError(path, f"{key}data.spm_sample_lines", f"must be positive, got {d.spm_sample_lines}")
+    if translation and d.too_long == "split":
+        raise SpecError(path, f"{key}data.too_long", "'split' would break sentence pairs; use truncate or drop")
+    if d.hub is not None:
+        for role in ("train", "dev", "test"):
+            stems = getattr(d.hub, role) if getattr(d.hub, role) is not None else getattr(d, role)
+            for stem in ([stems] if isinstance(stems, str) else stems):
+                if stem not in d.hub.splits:
+                    raise SpecError(path, f"{key}data.hub.splits", f"has no hub split for the {role} stem "
+                                    f"{stem!r} (set data.hub.{role} to the stems the hub provides)")
     for name in ("steps", "batch_tokens", "eval_every", "checkpoint_every", "log_every"):
         if getattr(t, name) <= 0:
             raise SpecError(path, f"{key}training.{name}", f"must be positive, got {getattr(t, name)}")
+    if t.micro_batch_tokens is not None and t.micro_batch_tokens < d.max_len:
+        raise SpecError(path, f"{key}training.micro_batch_tokens", f"({t.micro_batch_tokens}) must hold at "
+                        f"least one row of data.max_len ({d.max_len}) tokens")
+    if t.batch_tokens < d.max_len:
+        raise SpecError(path, f"{key}training.batch_tokens", f"({t.batch_tokens}) must hold at least one row "
+                        f"of data.max_len ({d.max_len}) tokens")
     if t.warmup_steps < 0:
         raise SpecError(path, f"{key}training.warmup_steps", "must not be negative")
     if t.lr <= 0:
@@ -511,6 +541,46 @@ def _make_variant(spec_name, vname, sections: dict, path, key_prefix: str) -> Va
     _check_model(v.model, path, f"{key_prefix}model")
     _check_sections(v, path, key_prefix)
     return v
+
+
+def apply_overrides(v: Variant, overrides: Optional[list] = None) -> Variant:
+    """``--set section.key=value`` (nested: ``model.dropout.residual=0``): validated like the spec.
+
+    Values are read as YAML (``0.1``, ``true``, ``null``, ``[1, 4]``). A mistake is one SpecError
+    naming the override and the key.
+    """
+    if not overrides:
+        return v
+    raw = v.to_dict()
+    for item in overrides:
+        where = "--set"
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SpecError("--set", str(item), "must look like section.key=value, e.g. training.lr=0.001")
+        parts = key.split(".")
+        if parts[0] not in _SECTIONS or len(parts) < 2:
+            raise SpecError(where, key, f"must start with a section: one of {', '.join(_SECTIONS)}")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                raise SpecError(where, key, f"{'.'.join(parts[:i + 1])!r} is not a section with keys")
+        if parts[-1] not in node:
+            raise SpecError(where, key, f"is not a known key of '{'.'.join(parts[:-1])}'"
+                            f"{_suggest(parts[-1], node)}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise SpecError(where, key, f"has a value that is not valid YAML: {text!r}") from None
+        if value == "match":
+            raise SpecError(where, key, "'match' is only meaningful in a spec's variant table")
+        node[parts[-1]] = value
+    out = Variant.from_dict(raw, source="--set")
+    out = dataclasses.replace(out, source=v.source)
+    _check_model(out.model, "--set", "model")
+    _check_sections(out, "--set", "")
+    return out
 
 
 def describe_rows(spec: Spec, bytes_per_value: int = 2) -> list:
