@@ -19,3 +19,32 @@ def shared_data() -> Path:
     if not (d / "multi30k" / "train.en").exists():
         pytest.fail(f"real corpora not found at {d}; set MQA_REPRO_DATA")
     return d
+
+
+# --------------------------------------------------------------------------------------------------
+# Training and evaluation fixtures (tests/test_train.py, tests/test_evaluate.py): the tiny spec's data is
+# prepared once and one multi_head model trained once per session, on real Multi30k.
+# --------------------------------------------------------------------------------------------------
+TINY = EXPERIMENTS / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, shared_data) -> Path:
+    from mqa_repro.data import prepare
+    from mqa_repro.spec import load_spec
+
+    out = tmp_path_factory.mktemp("tiny_data") / "tiny"
+    prepare(load_spec(TINY), data_dir=shared_data, out=out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data):
+    """The tiny spec's multi_head row trained for training.steps (300) steps on the CPU: a TrainResult."""
+    from mqa_repro.spec import load_spec
+    from mqa_repro.train import train_variant
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    v = load_spec(TINY).variants["multi_head"]
+    return train_variant(v, 0, device="cpu", out_root=root / "results", checkpoint_root=root / "checkpoints",
+                         data=tiny_data, progress=False)

@@ -1,0 +1,113 @@
+"""Evaluation of a trained tiny model on real Multi30k: BLEU equals sacrebleu's own score recomputed from
+the saved hypothesis and reference files, perplexity and provenance are recorded, LMs get per-word
+perplexity, and bad run directories are one line."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mqa_repro.errors import UserError
+from mqa_repro.evaluate import evaluate_run
+
+from .conftest import EXPERIMENTS, ROOT, TINY
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "mqa_repro", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_eval(tiny_run):
+    r = cli("evaluate", str(tiny_run.run_dir), "--device", "cpu", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_bleu_equals_sacrebleu_on_the_saved_files(tiny_eval, tiny_run):
+    rows = {(b["split"], b["beam"], b["tokenizer"]): b for b in tiny_eval["bleu"]}
+    # dev greedy, each test set with beam 1 and 4, each with intl and 13a.
+    assert set(rows) == {(s, k, t) for s, k in [("valid", 1), ("test2016", 1), ("test2016", 4)]
+                         for t in ("intl", "13a")}
+    for (split, beam, tok), b in rows.items():
+        hyp, ref = tiny_run.run_dir / b["hyp_file"], tiny_run.run_dir / b["ref_file"]
+        assert hyp.name == f"hyp.{split}.beam{beam}.txt"
+        assert len(hyp.read_text(encoding="utf-8").splitlines()) == b["sentences"] == 200  # max_sentences
+        assert f"tok:{tok}" in b["signature"] and "version:" in b["signature"]
+        r = subprocess.run([sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-tok", tok, "-b", "-w", "6"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert float(r.stdout.strip()) == pytest.approx(b["score"], abs=1e-5)
+    # The model learned something: BLEU clearly above zero.
+    assert rows[("test2016", 4, "intl")]["score"] > 2.0
+
+
+def test_metrics_and_manifest(tiny_eval, tiny_run):
+    m = json.loads((tiny_run.run_dir / "metrics.json").read_text())
+    assert m["checkpoint_step"] == 300 and m["seed"] == 0
+    dev = m["perplexity"]["valid"]
+    assert dev["role"] == "dev" and 0 < dev["ln_ppl_per_subword"] < 5
+    assert math.isclose(dev["ppl_per_subword"], math.exp(dev["ln_ppl_per_subword"]))
+    man = json.loads((tiny_run.run_dir / "manifest.json").read_text())
+    assert man["evaluation"]["checkpoint_step"] == 300
+    for k in ("git_sha", "spec_hash", "versions", "device", "seed", "data_manifest_hash"):
+        assert k in man["evaluation"], k
+    assert man["spec"]["variant"] == "multi_head" and man["spec_hash"] == m["spec_hash"]
+
+
+def test_beam_and_split_options(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run)
+    m = evaluate_run(run, splits=["test"], beams=[1], batch_size=64, device="cpu", progress=False)
+    assert list(m["perplexity"]) == ["test2016"]
+    assert {(b["split"], b["beam"]) for b in m["bleu"]} == {("test2016", 1)}
+    # Batching does not change greedy hypotheses.
+    assert (run / "hyp.test2016.beam1.txt").read_text() == (tiny_run.run_dir / "hyp.test2016.beam1.txt").read_text()
+
+
+def test_bad_run_directories(tiny_run, tmp_path):
+    with pytest.raises(UserError, match="no manifest.json"):
+        evaluate_run(tmp_path, device="cpu")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run)
+    man = json.loads((run / "manifest.json").read_text())
+    # A checkpoint that is not there.
+    (run / "manifest.json").write_text(json.dumps({**man, "checkpoint": str(tmp_path / "gone.pt")}))
+    r = cli("evaluate", str(run), "--device", "cpu")
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "checkpoint" in lines[0] and "missing" in lines[0], r.stderr
+    # A spec that does not match the checkpoint.
+    (run / "manifest.json").write_text(json.dumps({**man, "spec_hash": "0" * 64}))
+    with pytest.raises(UserError, match="does not match the checkpoint"):
+        evaluate_run(run, device="cpu")
+
+
+def test_language_model_perplexity_per_subword_and_per_word(shared_data, tmp_path):
+    """A tiny decoder-only model on the German side of Multi30k: per-word perplexity is the same total
+    log-likelihood spread over whitespace words (+ EOS per sentence)."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(name="tiny_lm", variants={"multi_query": {"model": {"n_kv_heads": 1}}})
+    raw["model"].update(kind="decoder-only", encoder_layers=0)
+    raw["data"].update(src_lang=None, tgt_lang=None, file_pattern="{stem}.de", hub=None, too_long="truncate")
+    raw["training"].update(steps=20, eval_every=20, checkpoint_every=20, log_every=10, batch_tokens=1024)
+    spec = tmp_path / "tiny_lm.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    data = tmp_path / "data"
+    r = cli("prepare", str(spec), "--data-dir", str(shared_data), "--out", str(data))
+    assert r.returncode == 0, r.stderr
+    r = cli("train", str(spec), "--device", "cpu", "--data", str(data), "--out", str(tmp_path / "results"),
+            "--checkpoints", str(tmp_path / "ck"))
+    assert r.returncode == 0, r.stderr
+    m = evaluate_run(tmp_path / "results" / "tiny_lm" / "multi_query" / "seed0", device="cpu", progress=False)
+    assert m["bleu"] == []
+    for stem in ("valid", "test2016"):
+        p = m["perplexity"][stem]
+        assert p["words"] < p["subword_tokens"]
+        assert p["ln_ppl_per_word"] * p["words"] == pytest.approx(p["ln_ppl_per_subword"] * p["subword_tokens"])
+        assert p["ppl_per_word"] > p["ppl_per_subword"]
