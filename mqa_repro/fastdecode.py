@@ -1,0 +1,408 @@
+"""The benchmark's static-shaped decoder: fixed-length greedy and beam search as CUDA graphs.
+
+It computes exactly the function of :meth:`Transformer.decode_step` (tests compare the two) from the
+same weights, laid out for speed:
+
+* the self-attention cache is time-major, ``cache_TNGC`` with C = d_k + d_v (K then V of one head side
+  by side), so the live prefix of every row is one contiguous slab and a step writes one ``[N, G, C]``
+  slice; the query/key/value projections are one matrix product whose K/V part lands in that layout;
+* attention never repeats K/V: a Triton kernel gives one program per (K/V row, K/V head) and batches the
+  H/G query heads of the group (and, for encoder-decoder attention under beam search, the beams of one
+  sentence) against that head's K/V, reading only the live positions;
+* beam search does not move the cache: a [slots, N] int32 ancestor table says which physical row holds
+  each position of each hypothesis; a step updates the table (ints) and the kernel follows it;
+* residual additions are fused into the output projections (``addmm_``), ReLU into the FFN product;
+* on CUDA one graph is captured per step position (the live length is static inside each graph, so no
+  mask is needed), optionally with the batch split over streams so memory-bound attention of one half
+  overlaps matrix products of the other; on the CPU the same code runs eagerly with a torch attention.
+
+Fixed length: EOS is ignored and exactly ``steps`` tokens are produced (the paper's timing protocol);
+sources are full length (no padding).
+
+Shape legend as in model.py, plus C = d_k + d_v and M = K/V rows (sentences for encoder-decoder
+attention, N for self-attention).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .model import BOS, PAD, Transformer
+
+try:  # Triton is optional: CPU runs use the torch attention below
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - no triton on this machine
+    triton = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode attention
+# --------------------------------------------------------------------------------------------------
+if triton is not None:
+    @triton.jit(do_not_specialize=["L"])
+    def _decode_attention_kernel(
+        q_ptr, kv_ptr, out_ptr, anc_ptr, L, scale,
+        stride_qn, stride_qh,                 # q [N, H, K], unit stride on K
+        stride_kvt, stride_kvm, stride_kvg,   # kv [.., M, G, C] indexed by position t, row m, head g
+        stride_on, stride_oh,                 # out [N, H, V]
+        stride_at,                            # ancestors [slots, N] int32 (INDIRECT only)
+        QH: tl.constexpr, SHARE: tl.constexpr, R_PAD: tl.constexpr,
+        DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr,
+        INDIRECT: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        m = tl.program_id(0)
+        g = tl.program_id(1)
+        r = tl.arange(0, R_PAD)
+        r_ok = r < SHARE * QH
+        n_r = m * SHARE + r // QH           # query row of each tile row
+        h_r = g * QH + r % QH               # query head of each tile row
+        dk = tl.arange(0, DK)
+        dv = tl.arange(0, DV)
+        q = tl.load(q_ptr + n_r[:, None] * stride_qn + h_r[:, None] * stride_qh + dk[None, :],
+                    mask=r_ok[:, None], other=0.0)
+        m_i = tl.full([R_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([R_PAD], tl.float32)
+        acc = tl.zeros([R_PAD, DV], tl.float32)
+        for t0 in range(0, L, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = t < L
+            if INDIRECT:
+                row = tl.load(anc_ptr + t * stride_at + m, mask=t_ok, other=0).to(tl.int64)
+            else:
+                row = tl.zeros([BLOCK_T], tl.int64) + m
+            base = kv_ptr + t.to(tl.int64)[:, None] * stride_kvt + row[:, None] * stride_kvm + g * stride_kvg
+            k = tl.load(base + dk[None, :], mask=t_ok[:, None], other=0.0)
+            v = tl.load(base + DK + dv[None, :], mask=t_ok[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(t_ok[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + n_r[:, None] * stride_on + h_r[:, None] * stride_oh + dv[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+
+
+# Launch configuration of the decode-attention kernel, picked on an H100 (notes/bench.md): one block of 128
+# positions, 8 warps once 32 or more query rows share a K/V row (beam 4 x 8 heads of multi-query attention).
+ATTENTION_CONFIG = {"block_t": 128, "num_warps": 4, "num_warps_wide": 8, "num_stages": 2}
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def triton_ok(q_NHK: torch.Tensor, d_k: int, d_v: int) -> bool:
+    return (triton is not None and q_NHK.is_cuda and _pow2(d_k) and _pow2(d_v) and d_k >= 16 and d_v >= 16)
+
+
+def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float, anc_SN=None,
+                     time_major: bool = True, use_triton: bool = True):
+    """softmax(q k^T * scale) v over the first ``L`` positions; one K/V row serves ``share`` query rows.
+
+    q_NHK: [N, H, d_k]; kv_XMGC: the cache, [slots, M, G, C] (time-major) or [M, S, G, C]; N = M * share.
+    anc_SN (self-attention under beam search): anc_SN[t, n] is the physical row holding position t of row n.
+    Returns out_NHV [N, H, d_v].
+    """
+    n, h, _ = q_NHK.shape
+    g, c = kv_XMGC.shape[2], kv_XMGC.shape[3]
+    d_v = c - d_k
+    qh = h // g
+    if time_major:
+        st, sm = kv_XMGC.stride(0), kv_XMGC.stride(1)
+    else:
+        sm, st = kv_XMGC.stride(0), kv_XMGC.stride(1)
+    m_rows = n // share
+    if use_triton and triton_ok(q_NHK, d_k, d_v):
+        out = torch.empty(n, h, d_v, device=q_NHK.device, dtype=q_NHK.dtype)
+        r_pad = max(16, triton.next_power_of_2(share * qh))
+        anc = anc_SN if anc_SN is not None else q_NHK  # unused pointer when not indirect
+        _decode_attention_kernel[(m_rows, g)](
+            q_NHK, kv_XMGC, out, anc, L, scale,
+            q_NHK.stride(0), q_NHK.stride(1), st, sm, kv_XMGC.stride(2),
+            out.stride(0), out.stride(1), anc_SN.stride(0) if anc_SN is not None else 0,
+            QH=qh, SHARE=share, R_PAD=r_pad, DK=d_k, DV=d_v, BLOCK_T=ATTENTION_CONFIG["block_t"],
+            INDIRECT=anc_SN is not None, IEEE=q_NHK.dtype == torch.float32,
+            num_warps=ATTENTION_CONFIG["num_warps_wide" if r_pad >= 32 else "num_warps"],
+            num_stages=ATTENTION_CONFIG["num_stages"])
+        return out
+    # torch: the same arithmetic (the CPU path and the reference for the kernel)
+    kv = kv_XMGC[:L] if time_major else kv_XMGC[:, :L].transpose(0, 1)           # [L, M, G, C]
+    if anc_SN is not None:
+        kv = kv[torch.arange(L, device=kv.device)[:, None], anc_SN[:L].long()]  # [L, N, G, C]
+    k_MGLK = kv[..., :d_k].permute(1, 2, 0, 3)
+    v_MGLV = kv[..., d_k:].permute(1, 2, 0, 3)
+    q_MGRK = q_NHK.view(m_rows, share, g, qh, d_k).transpose(1, 2).reshape(m_rows, g, share * qh, d_k)
+    s = torch.matmul(q_MGRK, k_MGLK.transpose(-1, -2)).float() * scale
+    out_MGRV = torch.matmul(torch.softmax(s, -1).to(v_MGLV.dtype), v_MGLV)
+    return out_MGRV.view(m_rows, g, share, qh, d_v).transpose(1, 2).reshape(n, h, d_v)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights, laid out once
+# --------------------------------------------------------------------------------------------------
+def _kv_interleaved(attn) -> torch.Tensor:
+    """[G * (K + V), D]: for each K/V head its K rows then its V rows (the cache's C layout)."""
+    g, d_k, d_v = attn.g, attn.d_k, attn.d_v
+    k = attn.k_proj.weight.view(g, d_k, -1)
+    v = attn.v_proj.weight.view(g, d_v, -1)
+    return torch.cat([k, v], 1).reshape(g * (d_k + d_v), -1)
+
+
+@dataclass
+class _Layer:
+    ln1: torch.nn.LayerNorm
+    w_qkv: torch.Tensor          # [H*K + G*C, D]
+    w_o: torch.Tensor            # [D, H*V]
+    ln2: Optional[torch.nn.LayerNorm]
+    w_q_cross: Optional[torch.Tensor]
+    w_o_cross: Optional[torch.Tensor]
+    w_kv_cross: Optional[torch.Tensor]  # [G*C, D], used once per sentence
+    ln3: torch.nn.LayerNorm
+    w_i: torch.Tensor
+    zero_F: torch.Tensor
+    w_o_ffn: torch.Tensor
+
+
+@dataclass
+class Chunk:
+    """The decoding state of a slice of the batch (one CUDA stream each)."""
+
+    batch: int                 # sentences
+    beam: int
+    cache_LTNGC: list          # per layer [slots, N, G, C]
+    cross_BSGC: Optional[list]  # per layer [B, S, G, C]
+    tok_N: torch.Tensor        # this step's input tokens
+    hist_TN: torch.Tensor      # emitted tokens per step
+    parent_TN: Optional[torch.Tensor] = None  # beam: row each hypothesis came from, per step
+    scores_BK: Optional[torch.Tensor] = None  # beam: summed log-probabilities
+    anc: list = field(default_factory=list)   # beam: two [slots, N] int32 ancestor tables (ping-pong)
+    arange_N: Optional[torch.Tensor] = None
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.beam
+
+
+class FastDecoder:
+    """Decoder steps of ``model`` for fixed-length greedy / beam search; see the module docstring."""
+
+    def __init__(self, model: Transformer, use_triton: bool = True):
+        self.model = model
+        m = model.spec
+        self.spec, self.use_triton = m, use_triton
+        self.h, self.g, self.d_k, self.d_v = m.n_heads, m.n_kv_heads, m.d_k, m.d_v
+        self.c = m.d_k + m.d_v
+        self.scale = m.d_k ** -0.5
+        self.device, self.dtype = model.embed.weight.device, model.embed.weight.dtype
+        try:  # ReLU in the matrix product's epilogue (cuBLASLt) where available
+            torch._addmm_activation(torch.zeros(2), torch.ones(1, 2), torch.ones(2, 2))
+            self._relu_mm = True
+        except Exception:  # pragma: no cover
+            self._relu_mm = False
+        self.layers = []
+        with torch.no_grad():
+            for blk in model.decoder:
+                sa, ca = blk.self_attn, blk.cross_attn
+                self.layers.append(_Layer(
+                    ln1=blk.self_norm, w_qkv=torch.cat([sa.q_proj.weight, _kv_interleaved(sa)], 0).contiguous(),
+                    w_o=sa.o_proj.weight, ln2=blk.cross_norm,
+                    w_q_cross=ca.q_proj.weight if ca is not None else None,
+                    w_o_cross=ca.o_proj.weight if ca is not None else None,
+                    w_kv_cross=_kv_interleaved(ca).contiguous() if ca is not None else None,
+                    ln3=blk.ffn_norm, w_i=blk.ffn.wi.weight,
+                    zero_F=torch.zeros(blk.ffn.wi.weight.shape[0], device=self.device, dtype=self.dtype),
+                    w_o_ffn=blk.ffn.wo.weight))
+
+    # -- encoder -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, src_BS) -> list:
+        """Encoder (full-length sources, no mask) and every decoder layer's cross K/V [B, S, G, C]."""
+        model = self.model
+        if bool((src_BS == PAD).any()):
+            raise ValueError("the fast decoder expects full-length sources (no padding)")
+        b, s = src_BS.shape
+        pos = torch.arange(s, device=src_BS.device)
+        x = (model.embed(src_BS) * model.emb_scale + model.src_pos(pos)[None]).view(b * s, -1)
+        qh = self.h // self.g
+        for blk in model.encoder:
+            a = blk.self_attn
+            hn = blk.self_norm(x)
+            q = F.linear(hn, a.q_proj.weight).view(b, s, self.h, self.d_k).transpose(1, 2)
+            k = F.linear(hn, a.k_proj.weight).view(b, s, self.g, self.d_k).transpose(1, 2)
+            v = F.linear(hn, a.v_proj.weight).view(b, s, self.g, self.d_v).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=qh > 1)
+            x.addmm_(o.transpose(1, 2).reshape(b * s, self.h * self.d_v), a.o_proj.weight.t())
+            self._ffn(x, blk.ffn_norm, blk.ffn.wi.weight, blk.ffn.wo.weight, None)
+        mem = model.enc_norm(x)
+        return [F.linear(mem, L.w_kv_cross).view(b, s, self.g, self.c) for L in self.layers]
+
+    def _ffn(self, x_ND, norm, w_i, w_o, zero_F):
+        hn = norm(x_ND)
+        if self._relu_mm and zero_F is not None and x_ND.is_cuda:
+            f = torch._addmm_activation(zero_F, hn, w_i.t())
+        else:
+            f = F.relu(F.linear(hn, w_i))
+        x_ND.addmm_(f, w_o.t())
+
+    # -- state -------------------------------------------------------------------------------------
+    def new_chunk(self, cross_BSGC: Optional[list], batch: int, beam: int, steps: int) -> Chunk:
+        m = self.spec
+        slots = min(m.window, steps) if m.window else steps
+        n = batch * beam
+        dev = self.device
+        cache = [torch.zeros(slots, n, self.g, self.c, device=dev, dtype=self.dtype) for _ in self.layers]
+        ch = Chunk(batch=batch, beam=beam, cache_LTNGC=cache, cross_BSGC=cross_BSGC,
+                   tok_N=torch.full((n,), BOS, device=dev, dtype=torch.long),
+                   hist_TN=torch.zeros(steps, n, device=dev, dtype=torch.long))
+        if beam > 1:
+            ch.parent_TN = torch.zeros(steps, n, device=dev, dtype=torch.long)
+            ch.scores_BK = torch.zeros(batch, beam, device=dev, dtype=torch.float32)
+            ch.anc = [torch.zeros(slots, n, device=dev, dtype=torch.int32) for _ in range(2)]
+            ch.arange_N = torch.arange(n, device=dev, dtype=torch.int32)
+        self.reset(ch)
+        return ch
+
+    def reset(self, ch: Chunk) -> None:
+        """Back to step 0 (the caches need no clearing: a step writes a position before it is read)."""
+        ch.tok_N.fill_(BOS)
+        if ch.beam > 1:
+            ch.scores_BK.fill_(float("-inf"))
+            ch.scores_BK[:, 0] = 0.0   # only beam 0 is live at the start
+
+    # -- one step ----------------------------------------------------------------------------------
+    def logits(self, ch: Chunk, t: int, anc_SN=None) -> torch.Tensor:
+        """Logits [N, vocab] of step ``t`` (static), reading the chunk's input tokens."""
+        model = self.model
+        n = ch.rows
+        slots = ch.cache_LTNGC[0].shape[0]
+        slot, live = t % slots, min(t + 1, slots)
+        hk = self.h * self.d_k
+        x = torch.add(model.tgt_pos.weight[t], model.embed(ch.tok_N), alpha=model.emb_scale)  # [N, D]
+        for i, L in enumerate(self.layers):
+            hn = L.ln1(x)
+            qkv = F.linear(hn, L.w_qkv)                                                  # [N, H*K + G*C]
+            ch.cache_LTNGC[i][slot].copy_(qkv[:, hk:].view(n, self.g, self.c))
+            o = decode_attention(qkv[:, :hk].view(n, self.h, self.d_k), ch.cache_LTNGC[i], live, self.d_k,
+                                 1, self.scale, anc_SN, True, self.use_triton)
+            x.addmm_(o.view(n, -1), L.w_o.t())
+            if L.ln2 is not None:
+                q = F.linear(L.ln2(x), L.w_q_cross).view(n, self.h, self.d_k)
+                o = decode_attention(q, ch.cross_BSGC[i], ch.cross_BSGC[i].shape[1], self.d_k, ch.beam,
+                                     self.scale, None, False, self.use_triton)
+                x.addmm_(o.view(n, -1), L.w_o_cross.t())
+            self._ffn(x, L.ln3, L.w_i, L.w_o_ffn, L.zero_F)
+        return model.logits(model.dec_norm(x))
+
+    def greedy_step(self, ch: Chunk, t: int) -> None:
+        tok = self.logits(ch, t).argmax(-1)
+        ch.hist_TN[t].copy_(tok)
+        ch.tok_N.copy_(tok)
+
+    def beam_step(self, ch: Chunk, t: int) -> None:
+        """Fixed-length beam search: every hypothesis stays alive; the k best continuations survive."""
+        b, k = ch.batch, ch.beam
+        slots = ch.cache_LTNGC[0].shape[0]
+        cur, nxt = ch.anc[t % 2], ch.anc[(t + 1) % 2]
+        history = min(t, slots)
+        if history:  # follow the parents chosen at the previous step (ints only, the K/V stay put)
+            torch.index_select(cur[:history], 1, ch.parent_TN[t - 1], out=nxt[:history])
+        nxt[t % slots].copy_(ch.arange_N)
+        logp_NV = torch.log_softmax(self.logits(ch, t, nxt), -1)
+        top_lp, top_tok = logp_NV.topk(k, dim=-1)                                        # [N, k]
+        cand_BX = (ch.scores_BK[:, :, None] + top_lp.float().view(b, k, k)).view(b, k * k)
+        best, idx = cand_BX.topk(k, dim=-1)                                              # [B, k]
+        base_B1 = torch.arange(b, device=self.device)[:, None] * k
+        parent_N = (base_B1 + idx // k).view(-1)
+        tok_N = top_tok.view(b, k * k).gather(1, idx).view(-1)
+        ch.scores_BK.copy_(best)
+        ch.parent_TN[t].copy_(parent_N)
+        ch.hist_TN[t].copy_(tok_N)
+        ch.tok_N.copy_(tok_N)
+
+    def step(self, ch: Chunk, t: int) -> None:
+        (self.beam_step if ch.beam > 1 else self.greedy_step)(ch, t)
+
+    @staticmethod
+    def best_tokens(ch: Chunk) -> torch.Tensor:
+        """Greedy: the emitted tokens [N, T]; beam: each sentence's best hypothesis traced back [B, T]."""
+        if ch.beam == 1:
+            return ch.hist_TN.t().contiguous()
+        steps = ch.hist_TN.shape[0]
+        row = torch.arange(ch.batch, device=ch.tok_N.device) * ch.beam + ch.scores_BK.argmax(1)
+        out = []
+        for t in range(steps - 1, -1, -1):
+            out.append(ch.hist_TN[t, row])
+            row = ch.parent_TN[t, row]
+        return torch.stack(out[::-1], 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a whole decode: eager, or one CUDA graph per step
+# --------------------------------------------------------------------------------------------------
+class DecodeRun:
+    """``steps`` fixed-length decoding steps over ``len(chunks)`` slices of the batch."""
+
+    def __init__(self, fast: FastDecoder, chunks: list, steps: int, graphs: bool):
+        self.fast, self.chunks, self.steps = fast, chunks, steps
+        self.graphs = []
+        self.streams = [torch.cuda.Stream() for _ in chunks] if graphs else []
+        if graphs:
+            self._capture()
+
+    def _eager_step(self, t):
+        for ch in self.chunks:
+            self.fast.step(ch, t)
+
+    def _streamed_step(self, t):
+        main = torch.cuda.current_stream()
+        for s, ch in zip(self.streams, self.chunks):
+            s.wait_stream(main)
+            with torch.cuda.stream(s):
+                self.fast.step(ch, t)
+        for s in self.streams:
+            main.wait_stream(s)
+
+    @torch.no_grad()
+    def _capture(self):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):   # warm-up: kernels compiled, cuBLAS handles and workspaces made
+            for t in range(self.steps):
+                self._streamed_step(t)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        pool = torch.cuda.graph_pool_handle()
+        for t in range(self.steps):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self._streamed_step(t)
+            self.graphs.append(g)
+        torch.cuda.synchronize()
+
+    def reset(self):
+        for ch in self.chunks:
+            self.fast.reset(ch)
+
+    @torch.no_grad()
+    def run(self):
+        """All steps from the start (call reset() first); asynchronous on CUDA."""
+        if self.graphs:
+            for g in self.graphs:
+                g.replay()
+        else:
+            for t in range(self.steps):
+                self._eager_step(t)
