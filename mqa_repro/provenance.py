@@ -6,18 +6,26 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from pathlib import Path
 
 
 def git_sha(cwd=None) -> str:
-    """The commit of the code that ran, with '-dirty' when the working tree has changes."""
+    """The commit of the code that ran, with '-dirty' when the working tree has changes.
+
+    ``$MQA_REPRO_GIT_SHA`` wins: set it where the code runs from a copy of the tree without its git
+    history (a rented GPU machine, a container).
+    """
+    env = os.environ.get("MQA_REPRO_GIT_SHA", "").strip()
+    if env:
+        return env
     here = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        if not sha:
+        if not re.fullmatch(r"[0-9a-f]{40}", sha):
             return "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()

@@ -1,0 +1,543 @@
+"""The paper's Tables 1-3 (and plots) from the files the tool wrote under ``results/``, and nothing else.
+
+A run directory (``results/<spec>/<variant>/seed<N>/``) contributes through its ``manifest.json`` and
+``metrics.json``; a decode benchmark through the JSON that ``decode-bench --out`` wrote (any ``*.json``
+under the results folder whose ``kind`` is ``decode-bench``). Missing numbers are shown as missing.
+Runs of one variant made from different resolved specs are never averaged together: the newest spec
+hash wins and the others are listed as excluded; code versions (git shas) are named in the caption.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from . import paper
+from .errors import UserError
+from .spec import Variant, kv_cache_bytes, param_count
+
+MISSING = "–"
+
+
+# --------------------------------------------------------------------------------------------------
+# Collecting
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    dir: Path
+    spec: str
+    variant: str
+    seed: int
+    spec_hash: str
+    git_sha: str
+    created: str
+    resolved: Variant
+    metrics: Optional[dict]
+    device: str
+
+
+@dataclass
+class Collection:
+    root: Path
+    runs: dict = field(default_factory=dict)      # spec -> variant -> [Run] (one spec hash)
+    excluded: list = field(default_factory=list)  # (path, reason)
+    benches: list = field(default_factory=list)   # (path, decode-bench JSON)
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        return e
+
+
+def collect(root) -> Collection:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a directory of results (run `mqa-repro train`/`evaluate` first)")
+    col = Collection(root)
+    by_key = defaultdict(list)
+    for man_path in sorted(root.rglob("manifest.json")):
+        run_dir = man_path.parent
+        man = _load_json(man_path)
+        if isinstance(man, Exception):
+            col.excluded.append((str(run_dir), f"unreadable manifest.json ({man})"))
+            continue
+        if "spec" not in man or not isinstance(man.get("spec"), dict) or "variant" not in man["spec"]:
+            continue  # e.g. a prepared-data manifest
+        try:
+            resolved = Variant.from_dict(man["spec"])
+        except Exception as e:  # noqa: BLE001 - a stale schema is reported, not fatal
+            col.excluded.append((str(run_dir), f"spec in manifest.json does not load ({e})"))
+            continue
+        metrics = None
+        if (run_dir / "metrics.json").exists():
+            metrics = _load_json(run_dir / "metrics.json")
+            if isinstance(metrics, Exception):
+                col.excluded.append((str(run_dir), f"unreadable metrics.json ({metrics})"))
+                metrics = None
+            elif metrics.get("spec_hash") not in (None, man.get("spec_hash")):
+                col.excluded.append((str(run_dir), "metrics.json was computed for another spec hash"))
+                metrics = None
+        dev = man.get("device", {})
+        run = Run(run_dir, resolved.spec_name, resolved.name, int(man.get("seed", 0)), man.get("spec_hash", ""),
+                  man.get("git_sha", "unknown"), man.get("created", ""), resolved, metrics,
+                  dev.get("name", "?") if isinstance(dev, dict) else str(dev))
+        by_key[(run.spec, run.variant)].append(run)
+    for (spec, variant), runs in by_key.items():
+        newest = max(runs, key=lambda r: r.created).spec_hash
+        keep = [r for r in runs if r.spec_hash == newest]
+        for r in runs:
+            if r.spec_hash != newest:
+                col.excluded.append((str(r.dir), f"spec hash {r.spec_hash[:12]} differs from the newest run's "
+                                                 f"{newest[:12]} for {spec}/{variant}"))
+        col.runs.setdefault(spec, {})[variant] = sorted(keep, key=lambda r: r.seed)
+    for p in sorted(root.rglob("*.json")):
+        if p.name in ("manifest.json", "metrics.json"):
+            continue
+        d = _load_json(p)
+        if isinstance(d, dict) and d.get("kind") == "decode-bench":
+            col.benches.append((p, d))
+    return col
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers
+# --------------------------------------------------------------------------------------------------
+def _mean_sd(values: list):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None, 0
+    sd = statistics.stdev(values) if len(values) > 1 else None
+    return statistics.fmean(values), sd, len(values)
+
+
+def _bleu(m: dict, split: str, beam: int, tokenizer: str):
+    for b in (m or {}).get("bleu", []):
+        if b["split"] == split and b["beam"] == beam and b["tokenizer"] == tokenizer:
+            return b
+    return None
+
+
+def _ln_ppl(m: dict, split: str):
+    p = (m or {}).get("perplexity", {}).get(split)
+    return p["ln_ppl_per_subword"] if p else None
+
+
+def _order(names) -> list:
+    known = list(paper.ROW_LABELS)
+    return sorted(names, key=lambda n: (known.index(n) if n in known else len(known), n))
+
+
+@dataclass
+class Table:
+    key: str
+    title: str
+    columns: list          # (key, header)
+    rows: list             # dicts
+    caption: str = ""
+    notes: list = field(default_factory=list)
+
+
+def _shape_cells(v: Variant) -> dict:
+    m = v.model
+    return {"h": m.n_heads, "kv_heads": m.n_kv_heads, "d_k": m.d_k, "d_ff": m.d_ff,
+            "window": m.window or "", "params_m": round(param_count(m) / 1e6, 2),
+            "kv_bytes_per_token": kv_cache_bytes(m)["self_per_token"]}
+
+
+def _caption(spec: str, runs: list, what: str) -> str:
+    v = runs[0].resolved
+    shas = sorted({r.git_sha[:12] for r in runs})
+    devices = sorted({r.device for r in runs})
+    scale = (f"{v.model.encoder_layers}+{v.model.decoder_layers} layers" if v.model.kind == "encoder-decoder"
+             else f"{v.model.decoder_layers} layers") + f", d_model {v.model.d_model}"
+    dtype = "bf16 autocast" if any("cuda" in str(d).lower() or "h100" in str(d).lower() or "nvidia" in str(d).lower()
+                                   for d in devices) else "fp32"
+    return (f"{what}: spec `{spec}` (corpus {v.data.corpus}, {scale}, {v.training.steps} steps); trained on "
+            f"{', '.join(devices)} ({dtype}); code {', '.join(shas)}; {len(runs)} runs.")
+
+
+def table1(spec: str, variants: dict, bootstrap_samples: int = 1000) -> Table:
+    """Translation quality: our rows beside the paper's Table 1."""
+    any_run = next(iter(variants.values()))[0].resolved
+    tok = any_run.evaluation.bleu_tokenizers[0]
+    tests = list(any_run.data.test)
+    beams = sorted(set(any_run.evaluation.beams))
+    top = max(beams)
+    cols = [("variant", "attention"), ("h", "h"), ("kv_heads", "K/V heads"), ("d_k", "d_k, d_v"), ("d_ff", "d_ff"),
+            ("window", "window"), ("params_m", "params (M)"), ("seeds", "seeds"),
+            ("ln_ppl_dev", "ln(PPL) dev"), ("paper_ln_ppl_dev", "paper"),
+            ("bleu_dev", "BLEU dev"), ("paper_bleu_dev", "paper")]
+    for t in tests:
+        for b in beams:
+            cols.append((f"bleu_{t}_b{b}", f"BLEU {t} beam {b}"))
+        cols.append((f"delta_{t}_b{top}", f"Δ vs multi-head (beam {top})"))
+        cols.append((f"p_{t}_b{top}", "p (paired bootstrap)"))
+    cols += [("paper_bleu_test", "paper test beam 1 / 4")]
+    base_runs = variants.get("multi_head", [])
+    base_vals = {}
+    rows = []
+    for name in _order(variants):
+        runs = variants[name]
+        ms = [r.metrics for r in runs]
+        row = {"variant": name, **_shape_cells(runs[0].resolved)}
+        row["seeds"] = sum(m is not None for m in ms)
+        row["ln_ppl_dev"] = _mean_sd([_ln_ppl(m, any_run.data.dev) for m in ms])
+        row["bleu_dev"] = _mean_sd([(_bleu(m, any_run.data.dev, 1, tok) or {}).get("score") for m in ms])
+        for t in tests:
+            for b in beams:
+                row[f"bleu_{t}_b{b}"] = _mean_sd([(_bleu(m, t, b, tok) or {}).get("score") for m in ms])
+        p = paper.TABLE1.get(name)
+        row["paper_ln_ppl_dev"] = p["ln_ppl_dev"] if p else None
+        row["paper_bleu_dev"] = p["bleu_dev"] if p else None
+        row["paper_bleu_test"] = (f"{_num(p['bleu_test_b1'], 1)} / {_num(p['bleu_test_b4'], 1)}" if p else None)
+        rows.append(row)
+        if name == "multi_head":
+            base_vals = row
+    for row in rows:
+        for t in tests:
+            key = f"bleu_{t}_b{top}"
+            mine, base = row[key][0], (base_vals.get(key) or (None,))[0]
+            row[f"delta_{t}_b{top}"] = None if mine is None or base is None or row["variant"] == "multi_head" \
+                else mine - base
+            row[f"p_{t}_b{top}"] = (None if row["variant"] == "multi_head" or not base_runs else
+                                    _paired_p(base_runs, variants[row["variant"]], t, top, tok, bootstrap_samples))
+    runs_all = [r for rs in variants.values() for r in rs]
+    cap = _caption(spec, runs_all, "Table 1 (translation quality)")
+    cap += (f" BLEU: sacrebleu, tokenizer {tok}; mean ± sd over seeds; p: sacrebleu paired bootstrap "
+            f"({bootstrap_samples} samples) of the lowest common seed against multi-head. Paper columns: WMT14 "
+            f"EN-DE at full scale (newstest2013 dev, newstest2014 test).")
+    return Table(f"table1_{spec}", f"Table 1 — translation quality ({spec})", cols, rows, cap)
+
+
+def _paired_p(base_runs, runs, split, beam, tok, samples):
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+
+    seeds = sorted({r.seed for r in base_runs} & {r.seed for r in runs})
+    for seed in seeds:
+        b = next(r for r in base_runs if r.seed == seed)
+        v = next(r for r in runs if r.seed == seed)
+        bb, vb = _bleu(b.metrics, split, beam, tok), _bleu(v.metrics, split, beam, tok)
+        if not (bb and vb):
+            continue
+        try:
+            refs = (b.dir / bb["ref_file"]).read_text(encoding="utf-8").splitlines()
+            hb = (b.dir / bb["hyp_file"]).read_text(encoding="utf-8").splitlines()
+            hv = (v.dir / vb["hyp_file"]).read_text(encoding="utf-8").splitlines()
+        except OSError:
+            continue
+        if not (len(refs) == len(hb) == len(hv)):
+            continue
+        _, res = PairedTest([("base", hb), ("variant", hv)], {"BLEU": BLEU(tokenize=tok)}, [refs],
+                            test_type="bs", n_samples=samples)()
+        return res["BLEU"][1].p_value
+    return None
+
+
+def table3(spec: str, variants: dict) -> Table:
+    any_run = next(iter(variants.values()))[0].resolved
+    dev, tests = any_run.data.dev, list(any_run.data.test)
+    cols = [("variant", "attention"), ("h", "h"), ("kv_heads", "K/V heads"), ("d_k", "d_k, d_v"), ("d_ff", "d_ff"),
+            ("params_m", "params (M)"), ("seeds", "seeds"), ("ppl_dev", "PPL dev (subword)"),
+            ("ppl_dev_word", "PPL dev (word)"), ("paper_ppl_dev", "paper PPL dev")]
+    for t in tests:
+        cols.append((f"ppl_{t}", f"PPL {t} (subword)"))
+    rows = []
+    for name in _order(variants):
+        runs = variants[name]
+        ms = [r.metrics for r in runs]
+        row = {"variant": name, **_shape_cells(runs[0].resolved), "seeds": sum(m is not None for m in ms)}
+
+        def ppl(m, split, key="ppl_per_subword"):
+            return ((m or {}).get("perplexity", {}).get(split) or {}).get(key)
+
+        row["ppl_dev"] = _mean_sd([ppl(m, dev) for m in ms])
+        row["ppl_dev_word"] = _mean_sd([ppl(m, dev, "ppl_per_word") for m in ms])
+        for t in tests:
+            row[f"ppl_{t}"] = _mean_sd([ppl(m, t) for m in ms])
+        p = paper.TABLE3.get(name)
+        row["paper_ppl_dev"] = p["ppl_dev"] if p else None
+        rows.append(row)
+    runs_all = [r for rs in variants.values() for r in rs]
+    cap = _caption(spec, runs_all, "Table 3 (language modelling)") + \
+        " Paper column: LM1B at full scale (192M parameters, 136k steps); perplexity per subword token."
+    return Table(f"table3_{spec}", f"Table 3 — language modelling ({spec})", cols, rows, cap)
+
+
+def table2(path: Path, bench: dict) -> Optional[Table]:
+    rows_in = [r for r in bench.get("rows", []) if not r.get("sweep")]
+    if not rows_in:
+        return None
+    by = defaultdict(dict)
+    for r in rows_in:
+        by[r["variant"]][(r["measure"], r["beam"])] = r
+    beams = sorted({r["beam"] for r in rows_in if r["measure"] == "decoder"})
+    top = max(beams) if beams else 1
+    cols = [("variant", "attention"), ("train", "training"), ("paper_train", "paper"),
+            ("enc_greedy", "inference enc."), ("dec_greedy", "inference dec."), ("paper_greedy", "paper enc. + dec."),
+            ("dec_greedy_bound", "dec. roofline"), ("dec_greedy_frac", "fraction of roofline"),
+            ("speedup", "dec. speed-up vs multi-head")]
+    if top > 1:
+        cols += [(f"enc_beam", f"beam-{top} enc."), (f"dec_beam", f"beam-{top} dec."),
+                 ("paper_beam", "paper enc. + dec."), ("dec_beam_hyp", f"beam-{top} dec. per hypothesis token"),
+                 ("dec_beam_frac", "fraction of roofline")]
+    base_dec = (by.get("multi_head", {}).get(("decoder", 1)) or {}).get("us_per_token")
+    rows = []
+    for name in _order(by):
+        d = by[name]
+        g, b = d.get(("decoder", 1)), d.get(("decoder", top))
+        enc = d.get(("encoder", 0))
+        p = paper.TABLE2.get(name)
+        row = {"variant": name,
+               "train": (d.get(("train", 0)) or {}).get("us_per_token"),
+               "paper_train": p["training"] if p else None,
+               "enc_greedy": enc["us_per_token"] if enc else None,
+               "dec_greedy": g["us_per_token"] if g else None,
+               "paper_greedy": f"{p['enc_greedy']} + {p['dec_greedy']}" if p else None,
+               "dec_greedy_bound": g["bound_us_per_token"] if g else None,
+               "dec_greedy_frac": (1 / g["x_bound"]) if g and g.get("x_bound") else None,
+               "speedup": (base_dec / g["us_per_token"]) if (g and base_dec) else None}
+        if top > 1:
+            row.update({"enc_beam": enc["us_per_token"] if enc else None,
+                        "dec_beam": b["us_per_token"] if b else None,
+                        "paper_beam": f"{p['enc_beam4']} + {p['dec_beam4']}" if p else None,
+                        "dec_beam_hyp": b.get("us_per_hyp_token") if b else None,
+                        "dec_beam_frac": (1 / b["x_bound"]) if b and b.get("x_bound") else None})
+        rows.append(row)
+    prov = bench.get("provenance", {})
+    dev = prov.get("device", {}).get("name", "?")
+    cfg = bench.get("config", {})
+    one = rows_in[0]
+    cap = (f"Table 2 (cost, µs per output token = time / (batch × target length)): {path.name} on {dev}, "
+           f"{one.get('dtype', cfg.get('dtype'))}, batch {cfg.get('batch')}, source {cfg.get('src_len')}, "
+           f"target {cfg.get('tgt_len')}; median of {one.get('repeats')} repeats after warm-up; code "
+           f"{str(prov.get('git_sha', '?'))[:12]}. Roofline: max(bytes / measured bandwidth, FLOPs / measured "
+           f"peak) per step. Paper: {paper.TABLE2_DEVICE}, batch 1024, length 128.")
+    key = f"table2_{path.parent.name}_{path.stem}"
+    return Table(key, f"Table 2 — cost ({dev}, {path.parent.name}/{path.name})", cols, rows, cap)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------
+def _num(x, digits=None) -> str:
+    if x is None:
+        return MISSING
+    if isinstance(x, str):
+        return x
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if math.isnan(x):
+            return MISSING
+        if digits is not None:
+            return f"{x:.{digits}f}"
+        a = abs(x)
+        return f"{x:.3f}" if a < 10 else f"{x:.2f}" if a < 100 else f"{x:.1f}"
+    return str(x)
+
+
+def _digits(key: str) -> Optional[int]:
+    """Fixed decimals where the quantity has a customary precision."""
+    if "bleu" in key or key.startswith("delta_") or key == "params_m":
+        return 2
+    if "ln_ppl" in key or key.startswith("p_"):
+        return 3
+    if key.startswith("ppl") or key.startswith("paper_ppl"):
+        return 2
+    return None
+
+
+def _cell(key: str, v) -> str:
+    if isinstance(v, tuple):
+        mean, sd, n = v
+        if mean is None:
+            return MISSING
+        d = _digits(key)
+        return _num(mean, d) + (f" ± {_num(sd, d)}" if sd is not None else "")
+    if key.startswith("delta_") and isinstance(v, float):
+        return f"{v:+.2f}"
+    if isinstance(v, float) and _digits(key) is not None:
+        return _num(v, _digits(key))
+    if key == "variant":
+        return paper.ROW_LABELS.get(v, v)
+    if key == "window" and v == "":
+        return MISSING
+    return _num(v)
+
+
+def _plain(v):
+    if isinstance(v, tuple):
+        mean, sd, n = v
+        return {"mean": mean, "sd": sd, "n": n}
+    return v
+
+
+def render_markdown(tables: list, excluded: list) -> str:
+    out = []
+    for t in tables:
+        out.append(f"### {t.title}\n")
+        out.append("| " + " | ".join(h for _, h in t.columns) + " |")
+        out.append("|" + "---|" * len(t.columns))
+        for r in t.rows:
+            out.append("| " + " | ".join(_cell(k, r.get(k)) for k, _ in t.columns) + " |")
+        out.append(f"\n*{t.caption}*\n")
+    if excluded:
+        out.append("### Runs not used\n")
+        out += [f"- `{p}`: {why}" for p, why in excluded]
+        out.append("")
+    return "\n".join(out)
+
+
+def render_csv(tables: list) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["table", "row", "column", "value", "sd", "n"])
+    for t in tables:
+        for r in t.rows:
+            for k, _ in t.columns:
+                if k == "variant":
+                    continue
+                v = r.get(k)
+                if isinstance(v, tuple):
+                    w.writerow([t.key, r["variant"], k, "" if v[0] is None else v[0], "" if v[1] is None else v[1], v[2]])
+                else:
+                    w.writerow([t.key, r["variant"], k, "" if v is None else v, "", ""])
+    return buf.getvalue()
+
+
+def render_json(tables: list, excluded: list) -> str:
+    return json.dumps({"tables": [{"key": t.key, "title": t.title, "caption": t.caption,
+                                   "columns": [{"key": k, "header": h} for k, h in t.columns],
+                                   "rows": [{k: _plain(v) for k, v in r.items()} for r in t.rows]}
+                                  for t in tables],
+                       "excluded": [{"path": p, "reason": why} for p, why in excluded]}, indent=2, default=str)
+
+
+def render_latex(tables: list) -> str:
+    def esc(s: str) -> str:
+        return (s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+                .replace("#", "\\#").replace("±", "$\\pm$").replace("Δ", "$\\Delta$").replace("µ", "$\\mu$")
+                .replace("×", "$\\times$").replace("–", "--"))
+    out = []
+    for t in tables:
+        out.append("\\begin{table}[t]\\centering\\small")
+        out.append("\\begin{tabular}{" + "l" + "r" * (len(t.columns) - 1) + "}\\toprule")
+        out.append(" & ".join(esc(h) for _, h in t.columns) + " \\\\ \\midrule")
+        for r in t.rows:
+            out.append(" & ".join(esc(_cell(k, r.get(k))) for k, _ in t.columns) + " \\\\")
+        out.append("\\bottomrule\\end{tabular}")
+        out.append(f"\\caption{{{esc(t.caption)}}}\\end{{table}}\n")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------
+def plots(col: Collection, tables: list, out_dir) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path, bench in col.benches:
+        dev = bench.get("provenance", {}).get("device", {}).get("name", "?")
+        for sweep, xkey, xlabel in (("batch", "batch", "batch size (sentences)"),
+                                    ("length", "tgt_len", "sequence length (source = target)")):
+            rows = [r for r in bench.get("rows", []) if r.get("sweep") == sweep and r["measure"] == "decoder"]
+            if not rows:
+                continue
+            fig, ax = plt.subplots(figsize=(6.4, 4.4))
+            for i, name in enumerate(_order({r["variant"] for r in rows})):
+                rs = sorted((r for r in rows if r["variant"] == name), key=lambda r: r[xkey])
+                xs = [r[xkey] for r in rs]
+                line, = ax.plot(xs, [r["us_per_token"] for r in rs], "o-", label=paper.ROW_LABELS.get(name, name))
+                ax.plot(xs, [r["bound_us_per_token"] for r in rs], "--", color=line.get_color(), alpha=0.6)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("decoder µs per output token")
+            ax.set_title(f"Incremental decoding on {dev} (dashed: roofline)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+            f = out_dir / f"decoder_vs_{sweep}_{path.parent.name}.png"
+            fig.tight_layout()
+            fig.savefig(f, dpi=120)
+            plt.close(fig)
+            written.append(f)
+    for t in tables:
+        if t.key.startswith("table1_"):
+            ykeys = [k for k, _ in t.columns if k.startswith("bleu_") and k != "bleu_dev"]
+            ykey, ylabel = (ykeys[-1], ykeys[-1].replace("bleu_", "test BLEU ").replace("_b", ", beam ")) if ykeys \
+                else ("bleu_dev", "dev BLEU")
+        elif t.key.startswith("table3_"):
+            ykey, ylabel = "ppl_dev", "dev perplexity (subword)"
+        else:
+            continue
+        pts = [(r["kv_bytes_per_token"], r[ykey][0], r["variant"]) for r in t.rows
+               if isinstance(r.get(ykey), tuple) and r[ykey][0] is not None]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for x, y, name in pts:
+            ax.scatter([x], [y])
+            ax.annotate(paper.ROW_LABELS.get(name, name), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("self-attention K/V cache bytes per decoded token per sequence (bf16)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"Quality against K/V-cache size ({t.key.split('_', 1)[1]})")
+        ax.grid(True, alpha=0.3)
+        f = out_dir / f"quality_vs_kv_{t.key.split('_', 1)[1]}.png"
+        fig.tight_layout()
+        fig.savefig(f, dpi=120)
+        plt.close(fig)
+        written.append(f)
+    return written
+
+
+# --------------------------------------------------------------------------------------------------
+def build_tables(col: Collection, bootstrap_samples: int = 1000) -> list:
+    tables = []
+    for spec in sorted(col.runs):
+        variants = col.runs[spec]
+        any_run = next(iter(variants.values()))[0].resolved
+        if any_run.model.kind == "encoder-decoder":
+            tables.append(table1(spec, variants, bootstrap_samples))
+        else:
+            tables.append(table3(spec, variants))
+    for path, bench in col.benches:
+        t = table2(path, bench)
+        if t is not None:
+            tables.append(t)
+    return tables
+
+
+def report(root, fmt: str = "md", plots_dir=None, bootstrap_samples: int = 1000) -> tuple:
+    """Render the tables of everything under ``root``; returns (text, list of plot files)."""
+    col = collect(root)
+    tables = build_tables(col, bootstrap_samples)
+    if not tables:
+        raise UserError(f"{root} holds no evaluated runs and no decode-bench results to report")
+    if fmt == "md":
+        text = render_markdown(tables, col.excluded)
+    elif fmt == "csv":
+        text = render_csv(tables)
+    elif fmt == "json":
+        text = render_json(tables, col.excluded)
+    elif fmt == "latex":
+        text = render_latex(tables)
+    else:
+        raise UserError(f"unknown report format {fmt!r}; use md, csv, json or latex")
+    written = plots(col, tables, plots_dir) if plots_dir else []
+    return text, written
