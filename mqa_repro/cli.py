@@ -74,6 +74,338 @@ def describe(
 
 
 # --------------------------------------------------------------------------------------------------
+class DataSource(str, Enum):
+    auto = "auto"
+    local = "local"
+    hub = "hub"
+
+
+@app.command()
+def prepare(
+    spec: Path = typer.Argument(..., help="Experiment spec (YAML); its data section is shared by all variants."),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", help="Local corpora, one folder per corpus laid out as ../shared/data "
+        "(default: $MQA_REPRO_DATA, else ../shared/data if it exists)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: data/<spec name>)."),
+    source: DataSource = typer.Option(
+        DataSource.auto, "--source", help="auto: the corpus folder in the data directory if there is one, else "
+        "the datasets hub (the spec's data.hub); local: the data directory only; hub: download even when a "
+        "local copy exists."),
+    force: bool = typer.Option(False, "--force", help="Prepare again even when the output is up to date."),
+    format: TableFormat = typer.Option(TableFormat.table, "--format", "-f", help="table, or json (the manifest)."),
+):
+    """Turn a spec's corpus into training data: one SentencePiece model shared by source and target, token
+    arrays with offsets per split and side, the raw dev/test text, and manifest.json (sha256 of every source
+    file, counts, hashes). Re-running with unchanged sources and data section does nothing."""
+    from .data import prepare as prepare_data
+    from .spec import load_spec
+
+    r = prepare_data(load_spec(spec), data_dir=data_dir, out=out_dir, source=source.value, force=force)
+    m = r.manifest
+    if format == TableFormat.json:
+        print(json.dumps({"path": str(r.path), "up_to_date": r.up_to_date, "manifest": m}, indent=2))
+        return
+    if r.up_to_date:
+        out.print(f"{r.path} is up to date (same sources and data section); nothing to do "
+                  f"({r.seconds:.2f} s; --force prepares again).", highlight=False)
+        return
+    src = m["source"]
+    where = f"{src['data_dir']}/{src['corpus']}" if src["kind"] == "local" else f"datasets hub {src['path']}"
+    t = Table(title=f"{m['spec_name']}: {r.path} from {where}",
+              caption=f"SentencePiece {m['spm']['model_type']}, {m['spm']['pieces']} pieces "
+                      f"(sha256 {m['spm']['sha256'][:12]}), at most {m['max_ids']} ids per example; "
+                      f"{m['seconds']:.1f} s")
+    for title in ("split", "role", "lines", "blank", "examples", *(f"tokens {s}" for s in m["sides"]),
+                  "over max", "handled"):
+        t.add_column(title, justify="left" if title in ("split", "role", "handled") else "right")
+    for stem, s in m["splits"].items():
+        handled = "-" if not s["over_max"] else f"{s['policy']}d" if s["policy"] != "split" else "split"
+        t.add_row(stem, s["role"], f"{s['lines']:,}", f"{s.get('blank_dropped', 0):,}", f"{s['examples']:,}",
+                  *(f"{s['sides'][side]['token_count']:,}" for side in m["sides"]), f"{s['over_max']:,}", handled)
+    out.print(t)
+
+
+# --------------------------------------------------------------------------------------------------
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+def train(
+    spec: Path = typer.Argument(..., help="Experiment spec (YAML), e.g. experiments/tiny.yaml."),
+    variant: Optional[List[str]] = typer.Option(None, "--variant", "-v", help="Variant to train (repeatable)."),
+    all_variants: bool = typer.Option(False, "--all", help="Train every variant of the spec, one after another."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights, data order and dropout "
+                                       "(default: training.seed)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a spec value, validated like the "
+                                             "spec: section.key=value (YAML value), repeatable."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA when available (bf16 autocast), "
+                                  "else the CPU (float32)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's checkpoint, exactly."),
+    out_root: Path = typer.Option(Path("results"), "--out", help="Results root: runs go to "
+                                  "OUT/<spec>/<variant>/seed<N>/."),
+    ckpt_root: Path = typer.Option(Path("checkpoints"), "--checkpoints", help="Checkpoint root (git-ignored): "
+                                   "CHECKPOINTS/<spec>/<variant>/seed<N>/last.pt."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data (default: data/<spec name>)."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop (with a checkpoint) after this "
+                                             "step although the schedule runs to training.steps; --resume goes on."),
+):
+    """Train variants with the spec's recipe: token-budget batches (packed when training.pack), Adafactor or
+    AdamW, label smoothing, z-loss, clipping, dev ln(perplexity) every eval_every steps, atomic checkpoints
+    holding everything --resume needs. SIGINT/SIGTERM save a checkpoint first. Under
+    `torchrun --nproc_per_node=N -m mqa_repro train ...` trains with DDP at the same global batch."""
+    import os
+
+    from .spec import apply_overrides, load_spec
+    from .train import train_variant
+
+    s = load_spec(spec)
+    if all_variants and variant:
+        raise UserError("pass either --variant NAME ... or --all, not both")
+    if not all_variants and not variant and len(s.variants) > 1:
+        raise UserError(f"{spec} has {len(s.variants)} variants ({', '.join(s.variants)}); "
+                        f"pick with --variant NAME or train them all with --all")
+    if stop_after is not None and stop_after <= 0:
+        raise UserError(f"--stop-after must be a positive step, got {stop_after}")
+    chosen = [apply_overrides(v, set_) for v in s.select(None if all_variants else variant)]
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    for v in chosen:
+        r = train_variant(v, seed, device=device.value, resume=resume, out_root=out_root,
+                          checkpoint_root=ckpt_root, data=data, stop_after=stop_after)
+        if main_rank:
+            ppl = f"{r.dev_ln_ppl:.4f}" if r.dev_ln_ppl is not None else "-"
+            out.print(f"{v.spec_name}/{v.name}: step {r.step}, dev ln(ppl) {ppl}; results in {r.run_dir}, "
+                      f"checkpoint {r.checkpoint}", highlight=False)
+
+
+class Split(str, Enum):
+    dev = "dev"
+    test = "test"
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run directory written by train, e.g. results/tiny/multi_head/seed0."),
+    split: Optional[List[Split]] = typer.Option(None, "--split", help="dev and/or test (repeatable; default both)."),
+    beam: Optional[List[int]] = typer.Option(None, "--beam", help="Beam sizes for the test sets (repeatable; "
+                                             "default evaluation.beams; 1 is greedy). Dev is always greedy."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sentences per decoding batch "
+                                             "(default evaluation.batch_size)."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data (default: the one the run trained on)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint file (default: the one "
+                                              "named in the run's manifest.json)."),
+    format: TableFormat = typer.Option(TableFormat.table, "--format", "-f", help="table, or json (metrics.json)."),
+):
+    """Perplexity and BLEU of a trained run, the paper's protocol: dev ln(perplexity) per subword, sacrebleu
+    BLEU (intl and 13a, with signatures) greedy on dev and beam 1 / beam 4 on each test set; LMs: perplexity
+    per subword and per word. Writes metrics.json, hyp.<split>.beam<k>.txt, ref.<split>.txt, manifest.json."""
+    from .evaluate import evaluate_run
+
+    if beam and any(k < 1 for k in beam):
+        raise UserError(f"--beam must be a positive integer, got {min(beam)}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    splits = [x.value for x in split] if split else ["dev", "test"]
+    m = evaluate_run(run_dir, splits=splits, beams=beam, batch_size=batch_size, device=device.value,
+                     data=data, checkpoint=checkpoint)
+    if format == TableFormat.json:
+        print(json.dumps(m, indent=2))
+        return
+    t = Table(title=f"{m['spec']}/{m['variant']} seed {m['seed']}, checkpoint step {m['checkpoint_step']}")
+    for col in ("split", "metric", "value", "detail"):
+        t.add_column(col, justify="right" if col == "value" else "left")
+    for stem, p in m["perplexity"].items():
+        t.add_row(stem, "ln(ppl) per subword", f"{p['ln_ppl_per_subword']:.4f}", f"{p['subword_tokens']:,} tokens")
+        if "ppl_per_word" in p:
+            t.add_row(stem, "ppl per word", f"{p['ppl_per_word']:.2f}", f"{p['words']:,} words (EOS included)")
+    for b in m["bleu"]:
+        t.add_row(b["split"], f"BLEU {b['tokenizer']} beam {b['beam']}", f"{b['score']:.2f}", b["signature"])
+    out.print(t)
+
+
+# --------------------------------------------------------------------------------------------------
+class BenchFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class BenchDtype(str, Enum):
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class Sweep(str, Enum):
+    batch = "batch"
+    length = "length"
+
+
+@app.command("decode-bench")
+def decode_bench(
+    spec: Path = typer.Argument(..., help="Experiment spec (YAML), e.g. experiments/wmt14_ende.yaml."),
+    variant: Optional[List[str]] = typer.Option(None, "--variant", help="Variant(s) to time (repeatable; default all)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sentences (default benchmark.batch_size; "
+                                             "benchmark.cpu_batch_size on the CPU)."),
+    src_len: Optional[int] = typer.Option(None, "--src-len", help="Source tokens (default benchmark.src_len)."),
+    tgt_len: Optional[int] = typer.Option(None, "--tgt-len", help="Decoded tokens, EOS ignored (default benchmark.tgt_len)."),
+    beam: Optional[List[int]] = typer.Option(None, "--beam", help="Beam sizes (repeatable; 1 = greedy; default "
+                                             "benchmark.beams)."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    dtype: Optional[BenchDtype] = typer.Option(None, "--dtype", help="bf16 or fp32 (default benchmark.dtype)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed runs per measurement (median reported)."),
+    format: BenchFormat = typer.Option(BenchFormat.table, "--format", "-f", help="table, json or csv."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write the results with provenance here (JSON; "
+                                            "CSV rows if the name ends in .csv)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Time a trained checkpoint's weights."),
+    peer: Optional[str] = typer.Option(None, "--peer", help="hf: also time Hugging Face generate() on a Marian "
+                                       "config of the same dimensions and print the ratio."),
+    sweep: Optional[Sweep] = typer.Option(None, "--sweep", help="batch (1..1024) or length (32..256): greedy "
+                                          "decoder us/token across the sweep instead of the Table 2 rows."),
+    sweep_values: Optional[List[int]] = typer.Option(None, "--sweep-value", help="Sweep points (repeatable)."),
+    train: bool = typer.Option(True, "--train/--no-train", help="Time the training step too."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Check the fast decoder against the model first."),
+    streams: int = typer.Option(1, "--streams", help="CUDA streams the batch is split over (1 = none)."),
+    attention: str = typer.Option("triton", "--attention", help="Decode attention on CUDA: triton or torch."),
+):
+    """Table 2 on this device: training, encoder and decoder (greedy, beam) microseconds per output token for
+    each variant, beside the roofline bound, MBU, MFU and KV-cache bytes; CUDA graphs on a GPU."""
+    from . import bench
+    from .provenance import write_json_atomic
+    from .spec import load_spec
+
+    s = load_spec(spec)
+    variants = s.select(variant)
+    state = None
+    if checkpoint is not None:
+        v, state = bench.load_checkpoint(checkpoint, variants)
+        variants = [v]
+    if peer not in (None, "hf"):
+        raise UserError(f"--peer must be hf, got {peer!r}")
+    if attention not in ("triton", "torch"):
+        raise UserError(f"--attention must be triton or torch, got {attention!r}")
+    for name, x in (("--batch-size", batch_size), ("--src-len", src_len), ("--tgt-len", tgt_len),
+                    ("--repeats", repeats), ("--streams", streams)):
+        if x is not None and x < 1:
+            raise UserError(f"{name} must be positive, got {x}")
+    if beam and any(k < 1 for k in beam):
+        raise UserError(f"--beam must be a positive integer, got {min(beam)}")
+    if peer == "hf":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UserError("--peer hf needs Hugging Face transformers, which is not installed here "
+                            "(pip install transformers)") from None
+    dev = bench.resolve_device(device.value)
+    cfg = bench.default_config(variants[0], dev, batch=batch_size, src_len=src_len, tgt_len=tgt_len,
+                               beams=sorted(set(beam)) if beam else None, repeats=repeats,
+                               dtype=dtype.value if dtype else None, train=train, check=check, streams=streams,
+                               attention=attention, sweep=sweep.value if sweep else None,
+                               sweep_values=list(sweep_values) if sweep_values else None)
+    res = bench.run_bench(variants, cfg, state, peer, spec_path=str(spec),
+                          log=lambda msg: err.print(msg, highlight=False))
+    if out_file is not None:
+        if out_file.suffix == ".csv":
+            out_file.parent.mkdir(parents=True, exist_ok=True)
+            out_file.write_text(bench.to_csv(res))
+        else:
+            write_json_atomic(out_file, res)
+    if format == BenchFormat.json:
+        print(json.dumps(res, indent=2, default=str))
+        return
+    if format == BenchFormat.csv:
+        sys.stdout.write(bench.to_csv(res))
+        return
+    c = res["ceilings"]
+    t = Table(title=f"decode-bench {s.name} on {c['device']} ({cfg.dtype})",
+              caption=f"us per output token (time / batch / tgt_len, the paper's convention), median of "
+                      f"{cfg.repeats}; bound = roofline at {c['bandwidth_Bps'] / 1e12:.2f} TB/s, "
+                      f"{c['peak_flops'] / 1e12:.0f} TFLOP/s")
+    for col in bench.TABLE_COLUMNS:
+        t.add_column(col, justify="left" if col in ("variant", "measure") else "right")
+    for r in bench.table_rows(res):
+        t.add_row(*r)
+    out.print(t)
+    for p in res["peers"]:
+        if "ratio_hf_over_ours" in p:
+            out.print(f"peer hf ({p['variant']}): {p['us_per_token']:.3g} us/token, "
+                      f"{p['ratio_hf_over_ours']:.1f}x ours (encoder + greedy decoder)", highlight=False)
+        else:
+            out.print(f"peer hf: {p.get('skipped') or p.get('error')}", highlight=False)
+    summary = res["summary"]
+    if summary.get("multi_head_over_multi_query_decoder"):
+        out.print(f"multi-head / multi-query greedy decoder: {summary['multi_head_over_multi_query_decoder']:.2f}x",
+                  highlight=False)
+
+
+# --------------------------------------------------------------------------------------------------
+class ReportFormat(str, Enum):
+    md = "md"
+    csv = "csv"
+    json = "json"
+    latex = "latex"
+
+
+@app.command()
+def report(
+    results_dir: Path = typer.Argument(Path("results"), help="Folder of results written by the tool."),
+    format: ReportFormat = typer.Option(ReportFormat.md, "--format", "-f", help="md, csv, json or latex."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write the tables here instead of printing them."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Also draw the plots (PNG) into this folder."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Paired-bootstrap samples for BLEU significance "
+                                  "(0 skips the test)."),
+):
+    """The paper's Tables 1-3 from the files under RESULTS_DIR only, our numbers beside the paper's:
+    Table 1 for translation runs (BLEU with seeds' mean ± sd, difference to multi-head and paired-bootstrap
+    p), Table 2 from decode-bench results (with speed-up and fraction of roofline), Table 3 for language
+    models. Missing numbers show as missing; runs of mismatched specs are listed, never averaged in."""
+    from .report import report as make_report
+
+    if bootstrap < 0:
+        raise UserError(f"--bootstrap must be 0 or more, got {bootstrap}")
+    text, written = make_report(results_dir, format.value, plots, bootstrap)
+    if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(text, encoding="utf-8")
+        err.print(f"wrote {out_file}" + (f" and {len(written)} plots in {plots}" if written else ""), highlight=False)
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        for f in written:
+            err.print(f"plot: {f}", highlight=False)
+
+
+@app.command()
+def run(
+    spec: Path = typer.Argument(..., help="Experiment spec (YAML), e.g. experiments/tiny.yaml."),
+    stages: str = typer.Option("prepare,train,evaluate,bench,report", "--stages",
+                               help="Comma-separated subset of prepare,train,evaluate,bench,report."),
+    variant: Optional[List[str]] = typer.Option(None, "--variant", "-v", help="Variants (repeatable; default all)."),
+    seeds: int = typer.Option(1, "--seeds", help="Seeds per variant: training.seed, training.seed + 1, ..."),
+    jobs: int = typer.Option(1, "--jobs", help="Train this many runs at once (separate processes; small models "
+                             "share one GPU well)."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local corpora (default: $MQA_REPRO_DATA, "
+                                            "else ../shared/data)."),
+    results_dir: Path = typer.Option(Path("results"), "--results", help="Results root."),
+    ckpt_root: Path = typer.Option(Path("checkpoints"), "--checkpoints", help="Checkpoint root (git-ignored)."),
+):
+    """The whole pipeline for a spec: prepare, train every variant (and seed), evaluate, decode-bench on this
+    device, and print the report. Stages whose outputs are complete for the same inputs are skipped, so an
+    interrupted run picks up where it stopped (training resumes from its checkpoint)."""
+    from .pipeline import parse_stages, run_pipeline
+    from .spec import load_spec
+
+    s = load_spec(spec)
+    text = run_pipeline(s, stages=parse_stages(stages), variants=variant, seeds=seeds, jobs=jobs,
+                        device=device.value, data_dir=data_dir, results=results_dir, checkpoints=ckpt_root,
+                        say=lambda msg: err.print(f"[bold]run[/]: {msg}", highlight=False))
+    if text:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
 def main() -> None:
     try:
         app()
