@@ -26,8 +26,7 @@ def run_logs(runs: Path) -> dict:
                        "batch_tokens": man["spec"]["training"]["batch_tokens"],
                        "steps": [r["step"] for r in steps], "loss": [r["loss"] for r in steps],
                        # throughput after the first logged window (allocator warm-up, cuBLAS autotuning)
-                       "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps[1:]) if len(steps) > 1
-                       else None,
+                       "tokens_per_s": statistics.median(r["tokens_per_s"] for r in (steps[1:] or steps)),
                        "dev_ln_ppl": man.get("dev_ln_ppl")}
     return out
 
@@ -54,7 +53,7 @@ def main() -> None:
             "loss_first_last_2gpu": [two["loss"][0], two["loss"][-1]],
             "loss_first_last_1gpu_same_global_batch": [same["loss"][0], same["loss"][-1]],
         }
-    dec = json.loads(a.decode.read_text())
+    dec = json.loads(a.decode.read_text()) if a.decode.exists() else {"rows": [], "provenance": {"device": None}}
     decoding = {}
     for r in dec["rows"]:
         if r["measure"] == "decoder" and r["beam"] == 1 and not r.get("sweep"):

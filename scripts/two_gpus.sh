@@ -8,7 +8,8 @@ set -euo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-SPEC=experiments/wmt14_ende.yaml
+SPEC=${SPEC:-experiments/wmt14_ende.yaml}
+DEVICE=${DEVICE:-cuda}   # DEVICE=cpu (gloo) for a dry run of the script on a CPU
 STEPS=${STEPS:-200}
 # Dropout off so that the 1-GPU and 2-GPU runs at the same global batch compute the same function;
 # a short warm-up so that a few hundred steps move the loss.
@@ -17,7 +18,7 @@ COMMON=(--set training.steps=$STEPS --set training.warmup_steps=100 --set traini
         --set model.dropout.residual=0 --set model.dropout.attention=0 --set model.dropout.relu=0)
 run() {  # name nproc batch_tokens variant
   local name=$1 nproc=$2 tokens=$3 variant=$4
-  local args=(train $SPEC --variant "$variant" --device cuda "${COMMON[@]}" --set training.batch_tokens=$tokens
+  local args=(train $SPEC --variant "$variant" --device $DEVICE "${COMMON[@]}" --set training.batch_tokens=$tokens
               --out "$OUT/runs/$name" --checkpoints /tmp/ckpt/$name)
   echo "== $name: $nproc GPU(s), $tokens target tokens per step, $variant"
   if [ "$nproc" = 1 ]; then python3 -m mqa_repro "${args[@]}"
@@ -28,7 +29,7 @@ for v in multi_query multi_head; do
   run "${v}_2gpu_32k" 2 32768 $v     # per-GPU batch 16k on two GPUs: tokens/s should be ~2x
   run "${v}_1gpu_32k" 1 32768 $v     # same global batch as the 2-GPU run: the loss curves should match
 done
-python3 -m mqa_repro decode-bench $SPEC --variant multi_head --variant multi_query --beam 1 --no-train \
+[ "$DEVICE" = cuda ] && python3 -m mqa_repro decode-bench $SPEC --variant multi_head --variant multi_query --beam 1 --no-train \
   --gpus 2 --out "$OUT/decode_2gpu.json"
 tar czf "$OUT/runs.tgz" -C "$OUT" runs
 python3 scripts/ddp_summary.py "$OUT/runs" "$OUT/decode_2gpu.json" --out "$OUT/summary.json"
