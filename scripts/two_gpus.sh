@@ -18,18 +18,20 @@ COMMON=(--set training.steps=$STEPS --set training.warmup_steps=100 --set traini
         --set model.dropout.residual=0 --set model.dropout.attention=0 --set model.dropout.relu=0)
 run() {  # name nproc batch_tokens variant
   local name=$1 nproc=$2 tokens=$3 variant=$4
+  if [ "$SECONDS" -gt "$BUDGET_S" ]; then echo "== $name: skipped (time budget)"; return; fi
   local args=(train $SPEC --variant "$variant" --device $DEVICE "${COMMON[@]}" --set training.batch_tokens=$tokens
               --out "$OUT/runs/$name" --checkpoints /tmp/ckpt/$name)
   echo "== $name: $nproc GPU(s), $tokens target tokens per step, $variant"
   if [ "$nproc" = 1 ]; then python3 -m mqa_repro "${args[@]}"
   else python3 -m torch.distributed.run --standalone --nproc_per_node=$nproc -m mqa_repro "${args[@]}"; fi
 }
+[ "$DEVICE" = cuda ] && python3 -m mqa_repro decode-bench $SPEC --variant multi_head --variant multi_query --beam 1 --no-train \
+  --gpus 2 --out "$OUT/decode_2gpu.json"
+BUDGET_S=${BUDGET_S:-100000}   # start no new training run after this many seconds
 for v in multi_query multi_head; do
   run "${v}_1gpu_16k" 1 16384 $v     # per-GPU batch 16k on one GPU
   run "${v}_2gpu_32k" 2 32768 $v     # per-GPU batch 16k on two GPUs: tokens/s should be ~2x
   run "${v}_1gpu_32k" 1 32768 $v     # same global batch as the 2-GPU run: the loss curves should match
 done
-[ "$DEVICE" = cuda ] && python3 -m mqa_repro decode-bench $SPEC --variant multi_head --variant multi_query --beam 1 --no-train \
-  --gpus 2 --out "$OUT/decode_2gpu.json"
 tar czf "$OUT/runs.tgz" -C "$OUT" runs
 python3 scripts/ddp_summary.py "$OUT/runs" "$OUT/decode_2gpu.json" --out "$OUT/summary.json"
