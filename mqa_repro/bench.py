@@ -49,7 +49,6 @@ class BenchConfig:
     check: bool = True          # fast path == model.decode_step, graph == eager, beam == reference beam
     sweep: Optional[str] = None  # "batch" or "length"
     sweep_values: list = field(default_factory=list)
-    gpus: int = 1               # > 1: also time greedy decoding with the batch split over this many GPUs
 
 
 def resolve_device(name: str) -> torch.device:
@@ -281,62 +280,6 @@ def bench_decoder(variant, model, cfg: BenchConfig, device, ceil: rl.Ceilings, b
     return rows
 
 
-def bench_batch_sharded(variant, cfg: BenchConfig, n_gpus: int, ceil: rl.Ceilings, log=print) -> list:
-    """Greedy decoding with the batch split over ``n_gpus`` GPUs, each holding whole sequences (how Pope et
-    al. shard a multi-query cache: over the batch). One model replica and one set of CUDA graphs per GPU;
-    each step's graphs are launched on every GPU before the next step's, so the GPUs run side by side.
-    Time: host clock from the first launch until every GPU is done; per token = time / (batch x tgt_len)."""
-    if torch.cuda.device_count() < n_gpus:
-        raise UserError(f"--gpus {n_gpus}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    if cfg.batch % n_gpus:
-        raise UserError(f"--gpus {n_gpus}: the batch ({cfg.batch}) must split evenly over the GPUs")
-    m = variant.model
-    seq2seq = m.kind == "encoder-decoder"
-    per = cfg.batch // n_gpus
-    runs = []
-    for i in range(n_gpus):
-        dev = torch.device("cuda", i)
-        with torch.cuda.device(dev):
-            model = build_model(variant, dev, cfg.dtype)
-            fast = FastDecoder(model, use_triton=cfg.attention == "triton")
-            cross = fast.encode(random_tokens(per, cfg.src_len, m.vocab_size, dev, seed=i)) if seq2seq else None
-            run = DecodeRun(fast, _chunks(fast, cross, per, 1, cfg.tgt_len, 1), cfg.tgt_len, graphs=True)
-            runs.append((dev, run))
-
-    def sync_all():
-        for dev, _ in runs:
-            torch.cuda.synchronize(dev)
-
-    def once() -> float:
-        for dev, run in runs:
-            with torch.cuda.device(dev):
-                run.reset()
-        sync_all()
-        t0 = time.perf_counter()
-        for t in range(cfg.tgt_len):
-            for dev, run in runs:
-                with torch.cuda.device(dev):
-                    run.graphs[t].replay()
-        sync_all()
-        return time.perf_counter() - t0
-
-    once()  # warm-up
-    times = [once() for _ in range(cfg.repeats)]
-    costs = rl.decode_costs(m, per, cfg.src_len if seq2seq else 0, cfg.tgt_len, 1, cfg.dtype, "indirect")
-    # every GPU does one shard's work at the same time: the bound is one shard's bound
-    row = _row(variant, "decoder", 1, times, costs, ceil, cfg.batch * cfg.tgt_len, cfg, batch=cfg.batch,
-               src_len=cfg.src_len if seq2seq else 0, tgt_len=cfg.tgt_len,
-               impl={"cuda_graphs": True, "gpus": n_gpus, "sharding": "batch (whole sequences per GPU)",
-                     "timer": "host clock, all GPUs synchronised"},
-               kv_cache_bytes=_kv_cache_bytes(m, cfg.batch, 1, cfg.src_len if seq2seq else 0, cfg.tgt_len,
-                                              cfg.dtype))
-    row["gpus"] = n_gpus
-    log(f"{variant.name}: {n_gpus} GPUs, batch {cfg.batch} ({per} per GPU): {row['us_per_token']:.3g} us/token")
-    del runs
-    _free(torch.device("cuda"))
-    return [row]
-
-
 # --------------------------------------------------------------------------------------------------
 # Correctness of the fast path (recorded beside the times)
 # --------------------------------------------------------------------------------------------------
@@ -492,12 +435,6 @@ def run_bench(variants: list, cfg: BenchConfig, checkpoint_state=None, peer: Opt
             log(f"{v.name}: encoder and decoder, beams {cfg.beams}")
             dec = bench_decoder(v, model, cfg, device, ceil, cfg.beams)
             rows.extend(dec)
-            if cfg.gpus > 1:
-                del model
-                _free(device)
-                model = None
-                log(f"{v.name}: greedy decoder with the batch split over {cfg.gpus} GPUs")
-                rows.extend(bench_batch_sharded(v, cfg, cfg.gpus, ceil, log))
             if peer == "hf":
                 ours = sum(r["median_s"] for r in dec if r["measure"] == "encoder" or
                            (r["measure"] == "decoder" and r["beam"] == 1))
@@ -547,14 +484,8 @@ def summarize(rows: list) -> dict:
     """The three targets of issue 5 where the rows allow them (greedy within 1.5x of the bound, MHA/MQA
     decoder >= 4x, beam per hypothesis token <= 1.3x greedy)."""
     dec = {(r["variant"], r["beam"], r.get("sweep"), r["batch"], r["tgt_len"]): r for r in rows
-           if r["measure"] == "decoder" and r.get("gpus", 1) == 1}
+           if r["measure"] == "decoder"}
     out = {"greedy_x_bound": {}, "beam_per_hyp_over_greedy": {}}
-    for r in rows:
-        if r.get("gpus", 1) > 1:
-            one = dec.get((r["variant"], 1, None, r["batch"], r["tgt_len"]))
-            if one:
-                out.setdefault("sharded_speedup", {})[f"{r['variant']} x{r['gpus']} GPUs"] = \
-                    one["us_per_token"] / r["us_per_token"]
     for (v, beam, sweep, batch, tl), r in dec.items():
         if sweep is not None:
             continue
@@ -576,7 +507,7 @@ def summarize(rows: list) -> dict:
 # --------------------------------------------------------------------------------------------------
 CSV_FIELDS = ["variant", "measure", "beam", "batch", "src_len", "tgt_len", "dtype", "us_per_token",
               "us_per_token_min", "us_per_token_max", "us_per_hyp_token", "bound_us_per_token", "x_bound",
-              "mbu", "mfu", "kv_cache_bytes", "kv_bytes_moved", "bytes", "flops", "median_s", "repeats", "sweep", "gpus"]
+              "mbu", "mfu", "kv_cache_bytes", "kv_bytes_moved", "bytes", "flops", "median_s", "repeats", "sweep"]
 
 
 def to_csv(res: dict) -> str:
@@ -599,8 +530,6 @@ def table_rows(res: dict) -> list:
     out = []
     for r in res["rows"]:
         name = r["measure"] if r["measure"] != "decoder" else ("greedy" if r["beam"] == 1 else f"beam {r['beam']}")
-        if r.get("gpus", 1) > 1:
-            name += f" on {r['gpus']} GPUs"
         out.append([r["variant"], name, str(r["batch"]), f"{r['src_len']}/{r['tgt_len']}",
                     _fmt(r["us_per_token"], "{:.4g}"),
                     f"{_fmt(r['us_per_token_min'], '{:.4g}')}-{_fmt(r['us_per_token_max'], '{:.4g}')}",

@@ -269,8 +269,6 @@ def decode_bench(
     check: bool = typer.Option(True, "--check/--no-check", help="Check the fast decoder against the model first."),
     streams: int = typer.Option(1, "--streams", help="CUDA streams the batch is split over (1 = none)."),
     attention: str = typer.Option("triton", "--attention", help="Decode attention on CUDA: triton or torch."),
-    gpus: int = typer.Option(1, "--gpus", help="Also time greedy decoding with the batch split over this many "
-                             "GPUs (whole sequences per GPU, as Pope et al. shard a multi-query cache)."),
 ):
     """Table 2 on this device: training, encoder and decoder (greedy, beam) microseconds per output token for
     each variant, beside the roofline bound, MBU, MFU and KV-cache bytes; CUDA graphs on a GPU."""
@@ -289,7 +287,7 @@ def decode_bench(
     if attention not in ("triton", "torch"):
         raise UserError(f"--attention must be triton or torch, got {attention!r}")
     for name, x in (("--batch-size", batch_size), ("--src-len", src_len), ("--tgt-len", tgt_len),
-                    ("--repeats", repeats), ("--streams", streams), ("--gpus", gpus)):
+                    ("--repeats", repeats), ("--streams", streams)):
         if x is not None and x < 1:
             raise UserError(f"{name} must be positive, got {x}")
     if beam and any(k < 1 for k in beam):
@@ -301,13 +299,11 @@ def decode_bench(
             raise UserError("--peer hf needs Hugging Face transformers, which is not installed here "
                             "(pip install transformers)") from None
     dev = bench.resolve_device(device.value)
-    if gpus > 1 and dev.type != "cuda":
-        raise UserError(f"--gpus {gpus} needs CUDA devices; this run is on the {dev.type}")
     cfg = bench.default_config(variants[0], dev, batch=batch_size, src_len=src_len, tgt_len=tgt_len,
                                beams=sorted(set(beam)) if beam else None, repeats=repeats,
                                dtype=dtype.value if dtype else None, train=train, check=check, streams=streams,
                                attention=attention, sweep=sweep.value if sweep else None,
-                               sweep_values=list(sweep_values) if sweep_values else None, gpus=gpus)
+                               sweep_values=list(sweep_values) if sweep_values else None)
     res = bench.run_bench(variants, cfg, state, peer, spec_path=str(spec),
                           log=lambda msg: err.print(msg, highlight=False))
     if out_file is not None:
@@ -339,8 +335,6 @@ def decode_bench(
         else:
             out.print(f"peer hf: {p.get('skipped') or p.get('error')}", highlight=False)
     summary = res["summary"]
-    for k, x in summary.get("sharded_speedup", {}).items():
-        out.print(f"{k}: {x:.2f}x the one-GPU greedy decoder at the same batch", highlight=False)
     if summary.get("multi_head_over_multi_query_decoder"):
         out.print(f"multi-head / multi-query greedy decoder: {summary['multi_head_over_multi_query_decoder']:.2f}x",
                   highlight=False)

@@ -273,7 +273,7 @@ def table3(spec: str, variants: dict) -> Table:
 
 
 def table2(path: Path, bench: dict) -> Optional[Table]:
-    rows_in = [r for r in bench.get("rows", []) if not r.get("sweep") and r.get("gpus", 1) == 1]
+    rows_in = [r for r in bench.get("rows", []) if not r.get("sweep")]
     if not rows_in:
         return None
     by = defaultdict(dict)

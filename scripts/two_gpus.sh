@@ -25,8 +25,15 @@ run() {  # name nproc batch_tokens variant
   if [ "$nproc" = 1 ]; then python3 -m mqa_repro "${args[@]}"
   else python3 -m torch.distributed.run --standalone --nproc_per_node=$nproc -m mqa_repro "${args[@]}"; fi
 }
-[ "$DEVICE" = cuda ] && python3 -m mqa_repro decode-bench $SPEC --variant multi_head --variant multi_query --beam 1 --no-train \
-  --gpus 2 --out "$OUT/decode_2gpu.json"
+if [ "$DEVICE" = cuda ]; then
+  # Decoding with the batch split over the two GPUs, each holding whole sequences (Pope et al. shard a
+  # multi-query cache over the batch): one process per GPU, both at once, each timing its half.
+  BENCH=(decode-bench $SPEC --variant multi_head --variant multi_query --beam 1 --no-train --src-len 128 --tgt-len 128)
+  python3 -m mqa_repro "${BENCH[@]}" --batch-size 1024 --out "$OUT/decode_1gpu_b1024.json"
+  CUDA_VISIBLE_DEVICES=0 python3 -m mqa_repro "${BENCH[@]}" --batch-size 512 --no-check --out "$OUT/decode_shard0_b512.json" &
+  CUDA_VISIBLE_DEVICES=1 python3 -m mqa_repro "${BENCH[@]}" --batch-size 512 --no-check --out "$OUT/decode_shard1_b512.json" &
+  wait
+fi
 BUDGET_S=${BUDGET_S:-100000}   # start no new training run after this many seconds
 for v in multi_query multi_head; do
   run "${v}_1gpu_16k" 1 16384 $v     # per-GPU batch 16k on one GPU
@@ -34,4 +41,4 @@ for v in multi_query multi_head; do
   run "${v}_1gpu_32k" 1 32768 $v     # same global batch as the 2-GPU run: the loss curves should match
 done
 tar czf "$OUT/runs.tgz" -C "$OUT" runs
-python3 scripts/ddp_summary.py "$OUT/runs" "$OUT/decode_2gpu.json" --out "$OUT/summary.json"
+python3 scripts/ddp_summary.py "$OUT/runs" "$OUT" --out "$OUT/summary.json"
