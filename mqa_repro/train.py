@@ -593,8 +593,12 @@ def _seed_everything(seed: int) -> None:
 
 def train_variant(variant: Variant, seed: Optional[int] = None, *, device="auto", resume: bool = False,
                   out_root="results", checkpoint_root="checkpoints", data: Optional[Path] = None,
-                  stop_after: Optional[int] = None, progress: bool = True) -> TrainResult:
+                  stop_after: Optional[int] = None, progress: bool = True,
+                  init: Optional[dict] = None) -> TrainResult:
     """Train one variant with one seed; returns where its results and checkpoint went.
+
+    ``init`` starts a fresh run from given weights instead of random ones: ``{"model": state_dict,
+    "provenance": dict}`` (``mqa-repro uptrain``); the provenance is kept in the checkpoint and manifest.
 
     ``stop_after`` ends the run (checkpoint written) after that step although the schedule still runs
     to ``training.steps``: what a preempted job looks like; ``resume=True`` continues it.
@@ -606,7 +610,7 @@ def train_variant(variant: Variant, seed: Optional[int] = None, *, device="auto"
     dist_ = init_distributed(dev)
     try:
         return _train(variant, seed, dev, dist_, resume, Path(out_root), Path(checkpoint_root), data,
-                      stop_after, progress)
+                      stop_after, progress, init)
     finally:
         if dist_.group_started_here:
             import torch.distributed as dist
@@ -614,7 +618,8 @@ def train_variant(variant: Variant, seed: Optional[int] = None, *, device="auto"
             dist.destroy_process_group()
 
 
-def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_after, progress) -> TrainResult:
+def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_after, progress,
+           init=None) -> TrainResult:
     t = variant.training
     rdir, cdir = run_dir(variant, seed, out_root), checkpoint_dir(variant, seed, ckpt_root)
     ckpt_path = cdir / CHECKPOINT_NAME
@@ -649,7 +654,11 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
     optimizer = build_optimizer(model, t)
     stream = BatchStream(train_ex, seed, t.batch_tokens, variant.data.max_len, t.pack)
     step, dev_ln_ppl = 0, None
+    init_info = (init or {}).get("provenance")
+    if init is not None and ck is None:
+        model.load_state_dict(init["model"])
     if ck is not None:
+        init_info = ck.get("init")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         step = ck["step"]
@@ -676,7 +685,7 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
         write_json_atomic(rdir / "manifest.json", manifest(
             variant, seed, dev, checkpoint=str(ckpt_path.resolve()), checkpoint_step=step,
             data_dir=str(Path(prepared.path).resolve()), data_manifest_hash=data_hash,
-            world_size=d.world, parameters=n_params, status="training"))
+            world_size=d.world, parameters=n_params, status="training", **_init_field(init_info)))
 
     def checkpoint(at_step):
         states = _gather_rng(d, dev)
@@ -687,7 +696,7 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
                 "schedule": {"name": t.schedule, "step": at_step, "lr": lr_at(at_step, t)},
                 "rng": states, "data": stream.position, "world_size": d.world,
                 "spec": variant.to_dict(), "spec_hash": variant.hash, "data_manifest_hash": data_hash,
-                "dev_ln_ppl": dev_ln_ppl})
+                "dev_ln_ppl": dev_ln_ppl, "init": init_info})
 
     def dev_eval():
         total, count, _ = corpus_nll(model, dev_ex, dev, batch_tokens=max(t.batch_tokens, 4096))
@@ -786,8 +795,13 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
         write_json_atomic(rdir / "manifest.json", manifest(
             variant, seed, dev, checkpoint=str(ckpt_path.resolve()), checkpoint_step=step,
             data_dir=str(Path(prepared.path).resolve()), data_manifest_hash=data_hash,
-            world_size=d.world, parameters=n_params, status=status, dev_ln_ppl=dev_ln_ppl))
+            world_size=d.world, parameters=n_params, status=status, dev_ln_ppl=dev_ln_ppl,
+            **_init_field(init_info)))
     return TrainResult(rdir, ckpt_path, step, dev_ln_ppl, losses)
+
+
+def _init_field(info: Optional[dict]) -> dict:
+    return {"init": info} if info else {}
 
 
 def _concat(parts: list) -> Examples:
