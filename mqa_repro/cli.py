@@ -180,6 +180,39 @@ def train(
                       f"checkpoint {r.checkpoint}", highlight=False)
 
 
+@app.command()
+def uptrain(
+    run_dir: Path = typer.Argument(..., help="A finished multi-head run, e.g. results/multi30k_ende/multi_head/seed1."),
+    kv_heads: int = typer.Option(..., "--kv-heads", help="Key/value heads of the result: 1 = multi-query, "
+                                 "between 1 and n_heads = grouped-query (must divide n_heads)."),
+    fraction: Optional[float] = typer.Option(None, "--fraction", help="Uptrain for this fraction of the "
+                                             "source run's steps (Ainslie et al.: 0.05)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Uptrain for this many steps instead."),
+    method: str = typer.Option("mean", "--method", help="Initial key/value projections: mean (mean-pool the "
+                               "heads of each group), first (the group's first head) or random."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order and dropout (default: the "
+                                       "source run's)."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA when available, else the CPU."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted uptraining run, exactly."),
+    out_root: Path = typer.Option(Path("results"), "--out", help="Results root: the run goes to "
+                                  "OUT/<spec>/<source>_to_kv<G>_<method>_<N>pct/seed<N>/."),
+    ckpt_root: Path = typer.Option(Path("checkpoints"), "--checkpoints", help="Checkpoint root (git-ignored)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data (default: data/<spec name>)."),
+):
+    """Convert a trained multi-head model to grouped- or multi-query attention (Ainslie et al. 2023: mean-pool
+    the key and value heads of each group, in every attention layer) and continue training it for a fraction
+    of the original steps, with a short schedule of the source's kind and peak learning rate. The result is
+    a run like any other: evaluate it with `mqa-repro evaluate`; `report` shows it in Table 1."""
+    from .uptrain import uptrain_run
+
+    r, target = uptrain_run(run_dir, kv_heads, method=method, fraction=fraction, steps=steps, seed=seed,
+                            device=device.value, resume=resume, out_root=out_root, checkpoint_root=ckpt_root,
+                            data=data)
+    ppl = f"{r.dev_ln_ppl:.4f}" if r.dev_ln_ppl is not None else "-"
+    out.print(f"{target.spec_name}/{target.name}: step {r.step}, dev ln(ppl) {ppl}; results in {r.run_dir}, "
+              f"checkpoint {r.checkpoint}", highlight=False)
+
+
 class Split(str, Enum):
     dev = "dev"
     test = "test"
@@ -338,6 +371,84 @@ def decode_bench(
     if summary.get("multi_head_over_multi_query_decoder"):
         out.print(f"multi-head / multi-query greedy decoder: {summary['multi_head_over_multi_query_decoder']:.2f}x",
                   highlight=False)
+
+
+# --------------------------------------------------------------------------------------------------
+@app.command("cost-model")
+def cost_model(
+    spec: Path = typer.Argument(..., help="Experiment spec (YAML), e.g. experiments/wmt14_ende.yaml."),
+    device: Optional[str] = typer.Option(None, "--device", help="h100, h200, a100 (datasheets), tpuv2 (one "
+                                         "core, the paper's device has 8), cpu (a generic guess) or measured "
+                                         "(the ceilings decode-bench cached); default h100."),
+    bandwidth: Optional[float] = typer.Option(None, "--bandwidth", help="Memory bandwidth in GB/s; with --flops "
+                                              "it replaces the device's ceilings."),
+    flops: Optional[float] = typer.Option(None, "--flops", help="Peak matrix throughput in TFLOP/s (with "
+                                          "--bandwidth)."),
+    memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="Memory per device in GB (1e9 bytes; "
+                                              "default the device's)."),
+    batch: Optional[List[int]] = typer.Option(None, "--batch", help="Sentences (repeatable: a grid; default "
+                                              "benchmark.batch_size)."),
+    context: Optional[List[int]] = typer.Option(None, "--context", help="Positions the decoder step attends "
+                                                "(repeatable; default benchmark.tgt_len)."),
+    src_len: Optional[int] = typer.Option(None, "--src-len", help="Source positions of an encoder-decoder "
+                                          "(default: the context)."),
+    beam: int = typer.Option(1, "--beam", help="Hypotheses per sentence (1 = greedy)."),
+    chips: int = typer.Option(1, "--chips", help="Chips: compare K/V sharded over heads with over the batch "
+                              "(Pope et al. 2022)."),
+    variant: Optional[List[str]] = typer.Option(None, "--variant", help="Variant(s) (repeatable; default all)."),
+    format: BenchFormat = typer.Option(BenchFormat.table, "--format", "-f", help="table, json or csv."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write the results with provenance here (JSON)."),
+):
+    """Analytic cost of incremental decoding per variant: step and per-token bounds (weights and K/V bytes
+    over bandwidth, FLOPs over peak), the bound that dominates, the batch where decoding turns compute-bound,
+    K/V cache memory and the largest batch / context that fit, the paper's memory-to-arithmetic ratios, and
+    on several chips the K/V cache sharded over heads versus over the batch."""
+    from . import costmodel as cm
+    from .provenance import write_json_atomic
+    from .spec import load_spec
+
+    s = load_spec(spec)
+    variants = s.select(variant)
+    for name, xs in (("--batch", batch), ("--context", context), ("--beam", [beam]), ("--chips", [chips])):
+        if xs and min(xs) < 1:
+            raise UserError(f"{name} must be positive, got {min(xs)}")
+    if src_len is not None and src_len < 1:
+        raise UserError(f"--src-len must be positive, got {src_len}")
+    if src_len is not None and variants[0].model.kind != "encoder-decoder":
+        raise UserError(f"--src-len applies to encoder-decoder models; {spec} is decoder-only")
+    dev = cm.resolve_device(device, bandwidth, flops, memory_gb)
+    bench_cfg = variants[0].benchmark
+    res = cm.cost_model(variants, dev, sorted(set(batch or [bench_cfg.batch_size])),
+                        sorted(set(context or [bench_cfg.tgt_len])), src_len, beam, chips)
+    doc = cm.to_document(res, variants, spec_path=str(spec)) if (out_file or format == BenchFormat.json) else None
+    if out_file is not None:
+        write_json_atomic(out_file, doc)
+    if format == BenchFormat.json:
+        print(json.dumps(doc, indent=2, default=str))
+        return
+    if format == BenchFormat.csv:
+        sys.stdout.write(cm.to_csv(res))
+        return
+    mem = "?" if dev.memory_bytes is None else f"{dev.memory_bytes / 1e9:.4g} GB"
+    src_note = "" if variants[0].model.kind != "encoder-decoder" else f", source {src_len or '= context'}"
+    tables = [(f"cost-model {s.name} on {dev.name}: {dev.bandwidth_Bps / 1e12:.3g} TB/s, "
+               f"{dev.flops_per_s / 1e12:.4g} TFLOP/s, {mem}", cm.DECODE_COLUMNS, cm.decode_table_rows(res),
+               f"one decoder step attending `context` positions{src_note}, beam {beam}, bf16; "
+               f"us/token = step / batch; {dev.source}"),
+              ("memory-to-arithmetic per step (Shazeer 2019)", cm.RATIO_COLUMNS, cm.ratio_table_rows(res),
+               "paper: the Θ expression evaluated (d = d_model, h = heads, g = K/V heads, n = attended, "
+               "b = batch x beam); exact: values moved per multiply-add")]
+    if chips > 1:
+        tables.append((f"K/V cache on {chips} chips (Pope et al. 2022)", cm.SHARD_COLUMNS, cm.shard_table_rows(res),
+                       "weights sharded 1-D; comm = bytes each chip sends per step (all-reduces, plus "
+                       "all-to-alls for batch); step us/chip excludes communication"))
+    for title, cols, rows, caption in tables:
+        t = Table(title=title, caption=caption)
+        for col in cols:
+            t.add_column(col, justify="left" if col in ("variant", "bound", "layout", "formula") else "right")
+        for r in rows:
+            t.add_row(*r)
+        out.print(t)
 
 
 # --------------------------------------------------------------------------------------------------
