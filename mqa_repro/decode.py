@@ -19,10 +19,14 @@ import torch
 from .model import BOS, EOS, PAD, Transformer
 
 
-def forbid_specials(logits_NV):
-    """PAD and BOS are never generated (they are not targets); UNK stays possible."""
+def forbid_specials(logits_NV, vocab_size: Optional[int] = None):
+    """PAD and BOS are never generated (they are not targets); UNK stays possible. Nor are the rows that pad
+    the vocabulary to a multiple of ``vocab_multiple`` (ids >= ``vocab_size``): training never targets them,
+    so their logits are untrained, and the SentencePiece model has no piece for them."""
     logits_NV[:, PAD] = float("-inf")
     logits_NV[:, BOS] = float("-inf")
+    if vocab_size is not None:
+        logits_NV[:, vocab_size:] = float("-inf")
     return logits_NV
 
 
@@ -55,7 +59,7 @@ def greedy(model: Transformer, src_BS=None, batch=None, max_len_B=None, max_len=
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tok = torch.full((batch,), BOS, dtype=torch.long, device=device)
     for t in range(steps):
-        tok = forbid_specials(model.decode_step(tok, t, state)).argmax(-1)
+        tok = forbid_specials(model.decode_step(tok, t, state), model.spec.vocab_size).argmax(-1)
         tok = torch.where(done, torch.full_like(tok, PAD), tok)
         out[:, t] = tok
         done |= (tok == EOS) | (t + 1 >= max_len_B)
@@ -99,7 +103,8 @@ def beam_search(model: Transformer, src_BS=None, batch=None, beam=4, alpha=0.6, 
     tok_N = torch.full((batch * k,), BOS, dtype=torch.long, device=device)
     base_B1 = (torch.arange(batch, device=device) * k)[:, None]
     for t in range(steps):
-        logp = torch.log_softmax(forbid_specials(model.decode_step(tok_N, t, state).float()), -1)
+        logits_NV = model.decode_step(tok_N, t, state).float()
+        logp = torch.log_softmax(forbid_specials(logits_NV, model.spec.vocab_size), -1)
         vocab = logp.shape[-1]
         cand = (s.alive_scores_BK[..., None] + logp.view(batch, k, vocab)).view(batch, k * vocab)
         top_scores, top_idx = cand.topk(2 * k, dim=-1)                     # [B, 2k]

@@ -75,7 +75,7 @@ def test_greedy_search_equals_uncached_greedy(row):
         toks = torch.tensor([[BOS]])
         for _ in range(int(limits[i])):
             logits = m(toks, src[i: i + 1, : int((src[i] != PAD).sum())])[:, -1]
-            nxt = forbid_specials(logits).argmax(-1, keepdim=True)
+            nxt = forbid_specials(logits, 60).argmax(-1, keepdim=True)
             toks = torch.cat([toks, nxt], 1)
             if nxt.item() == EOS:
                 break
@@ -98,7 +98,7 @@ def test_beam_size_one_is_greedy(row, kind):
 def sequence_logprob(m, src_row, hyp):
     toks = torch.cat([torch.tensor([BOS]), hyp])[None]
     logits = m(toks[:, :-1], src_row[None])[0]
-    logp = torch.log_softmax(forbid_specials(logits), -1)
+    logp = torch.log_softmax(forbid_specials(logits, 60), -1)
     return logp.gather(1, hyp[:, None]).sum().item()
 
 
@@ -119,6 +119,27 @@ def test_beam_search_scores_are_the_model_scores(row):
         gh = g[i, : int(gl[i])]
         g_score = sequence_logprob(m, real, gh) / (((5 + len(gh)) / 6) ** 0.6)
         assert scores[i].item() >= g_score - 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padded_vocabulary_rows_are_never_generated(kind):
+    """The vocabulary is padded to a multiple of 8 (60 -> 64 rows); training never targets the padding,
+    so decoding must not emit it even when its (untrained) logits are the largest."""
+    m = make("multi_head", kind)
+    assert m.spec.padded_vocab == 64
+    step = m.decode_step
+
+    def padding_wins(*args, **kw):   # the padded rows' logits far above every real token's
+        logits = step(*args, **kw).clone()
+        logits[:, 60:] += 1e4
+        return logits
+
+    m.decode_step = padding_wins
+    src = source() if kind == "encoder-decoder" else None
+    limits = max_lengths(src, 4, 1.5, 3, 30, "cpu")
+    g, gl = greedy(m, src, batch=4, max_len_B=limits)
+    b, bl, _ = beam_search(m, src, batch=4, beam=4, max_len_B=limits)
+    assert int(g.max()) < 60 and int(b.max()) < 60 and int(gl.min()) > 0
 
 
 def test_beams_share_the_encoder_decoder_cache():
