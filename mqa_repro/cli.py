@@ -467,16 +467,20 @@ def report(
     plots: Optional[Path] = typer.Option(None, "--plots", help="Also draw the plots (PNG) into this folder."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Paired-bootstrap samples for BLEU significance "
                                   "(0 skips the test)."),
+    notes: Optional[Path] = typer.Option(None, "--notes", help="Markdown file to print beneath the tables "
+                                         "(commentary; --format md only)."),
 ):
     """The paper's Tables 1-3 from the files under RESULTS_DIR only, our numbers beside the paper's:
     Table 1 for translation runs (BLEU with seeds' mean ± sd, difference to multi-head and paired-bootstrap
-    p), Table 2 from decode-bench results (with speed-up and fraction of roofline), Table 3 for language
-    models. Missing numbers show as missing; runs of mismatched specs are listed, never averaged in."""
+    p), Table 2 from decode-bench results (with speed-up and fraction of roofline) and the cost model's
+    prediction beside each measurement, Table 3 for language models, and two GPUs against one where a
+    multi-GPU summary exists. Runs are read from RESULTS_DIR/<spec>/<variant>/seed<N>/. Missing numbers show
+    as missing; runs of mismatched specs are listed, never averaged in."""
     from .report import report as make_report
 
     if bootstrap < 0:
         raise UserError(f"--bootstrap must be 0 or more, got {bootstrap}")
-    text, written = make_report(results_dir, format.value, plots, bootstrap)
+    text, written = make_report(results_dir, format.value, plots, bootstrap, notes)
     if out_file is not None:
         out_file.parent.mkdir(parents=True, exist_ok=True)
         out_file.write_text(text, encoding="utf-8")

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class Collection:
     runs: dict = field(default_factory=dict)      # spec -> variant -> [Run] (one spec hash)
     excluded: list = field(default_factory=list)  # (path, reason)
     benches: list = field(default_factory=list)   # (path, decode-bench JSON)
+    multi_gpu: list = field(default_factory=list)  # (path, multi-GPU summary JSON: scripts/ddp_summary.py)
 
 
 def _load_json(path: Path):
@@ -65,6 +67,8 @@ def collect(root) -> Collection:
     by_key = defaultdict(list)
     for man_path in sorted(root.rglob("manifest.json")):
         run_dir = man_path.parent
+        if len(man_path.relative_to(root).parts) > 4:
+            continue  # not <spec>/<variant>/seed<N>/ (e.g. the runs behind a multi-GPU summary)
         man = _load_json(man_path)
         if isinstance(man, Exception):
             col.excluded.append((str(run_dir), f"unreadable manifest.json ({man})"))
@@ -104,6 +108,11 @@ def collect(root) -> Collection:
         d = _load_json(p)
         if isinstance(d, dict) and d.get("kind") == "decode-bench":
             col.benches.append((p, d))
+        elif isinstance(d, dict) and d.get("kind") == "multi-gpu":
+            col.multi_gpu.append((p, d))
+    # decode-bench files beside a multi-GPU summary are its inputs: shown through it, not as Table 2s
+    inputs = {p.parent for p, _ in col.multi_gpu}
+    col.benches = [(p, d) for p, d in col.benches if p.parent not in inputs]
     return col
 
 
@@ -130,9 +139,34 @@ def _ln_ppl(m: dict, split: str):
     return p["ln_ppl_per_subword"] if p else None
 
 
+_UPTRAINED = re.compile(r"^(?P<src>.+)_to_kv(?P<g>\d+)_(?P<method>mean|first|random)_(?P<amount>.+)$")
+
+
+def _label(name: str) -> str:
+    """The paper's row label, or one for an uptrained row (``mqa-repro uptrain``)."""
+    m = _UPTRAINED.match(name)
+    if m:
+        kind = "multi-query" if m["g"] == "1" else f"{m['g']} K/V heads"
+        amount = m["amount"].replace("pct", "%").replace("steps", " steps")
+        src = paper.ROW_LABELS.get(m["src"], m["src"])
+        return f"{src} → {kind}, uptrained {amount} ({m['method']} init.)"
+    return paper.ROW_LABELS.get(name, name)
+
+
 def _order(names) -> list:
     known = list(paper.ROW_LABELS)
-    return sorted(names, key=lambda n: (known.index(n) if n in known else len(known), n))
+
+    def key(n):
+        if n in known:
+            return (known.index(n), 0, 0, 0.0, n)
+        m = _UPTRAINED.match(n)
+        if m:   # by K/V heads, then mean / first / random, then the amount of uptraining
+            amount = re.match(r"[\d.]+", m["amount"])
+            return (len(known), int(m["g"]), ("mean", "first", "random").index(m["method"]),
+                    float(amount.group()) if amount else 0.0, n)
+        return (len(known) + 1, 0, 0, 0.0, n)
+
+    return sorted(names, key=key)
 
 
 @dataclass
@@ -325,6 +359,100 @@ def table2(path: Path, bench: dict) -> Optional[Table]:
     return Table(key, f"Table 2 — cost ({dev}, {path.parent.name}/{path.name})", cols, rows, cap)
 
 
+def _datasheet(device_name: str):
+    """The cost model's datasheet preset for a measured device, if it has one."""
+    from .costmodel import DEVICES
+
+    for key in ("h100", "h200", "a100"):
+        if key in str(device_name).lower():
+            return DEVICES[key]
+    return None
+
+
+def table_cost_model(path: Path, bench: dict) -> Optional[Table]:
+    """The analytic cost model (``mqa-repro cost-model``) beside the decode-bench measurements it predicts:
+    once with the device's datasheet ceilings, once with the ceilings decode-bench measured (= the roofline
+    column of Table 2), and the measured time over each prediction."""
+    from .costmodel import predict_decode_step, predict_decoder_us_per_token
+
+    rows_in = [r for r in bench.get("rows", []) if r.get("measure") == "decoder" and not r.get("sweep")]
+    specs = bench.get("variants", {})
+    if not rows_in or not specs:
+        return None
+    prov = bench.get("provenance", {})
+    dev_name = prov.get("device", {}).get("name", "?")
+    sheet = _datasheet(dev_name)
+    ceil = bench.get("ceilings", {})
+    cols = [("variant", "attention"), ("beam", "beam"), ("measured", "measured µs/token")]
+    if sheet:
+        cols += [("model_sheet", f"model, {sheet.name} datasheet"), ("x_sheet", "measured / model")]
+    cols += [("model_measured", "model, measured ceilings"), ("x_measured", "measured / model"),
+             ("bound", "bound at t = L/2"), ("critical_batch", "compute-bound from batch")]
+    rows = []
+    for r in sorted(rows_in, key=lambda r: (_order(specs).index(r["variant"]) if r["variant"] in specs else 99,
+                                            r["beam"])):
+        if r["variant"] not in specs:
+            continue
+        m = Variant.from_dict(specs[r["variant"]]).model
+        src = r.get("src_len", 0) if m.kind == "encoder-decoder" else 0
+        args = (m, r["batch"], src, r["tgt_len"], r["beam"])
+        row = {"variant": r["variant"], "beam": r["beam"], "measured": r["us_per_token"]}
+        if sheet:
+            row["model_sheet"] = predict_decoder_us_per_token(*args, sheet.bandwidth_Bps, sheet.flops_per_s,
+                                                              r.get("dtype", "bf16"))
+            row["x_sheet"] = r["us_per_token"] / row["model_sheet"]
+        if ceil.get("bandwidth_Bps") and ceil.get("peak_flops"):
+            bw, fl = ceil["bandwidth_Bps"], ceil["peak_flops"]
+            row["model_measured"] = predict_decoder_us_per_token(*args, bw, fl, r.get("dtype", "bf16"))
+            row["x_measured"] = r["us_per_token"] / row["model_measured"]
+            mid = predict_decode_step(m, r["batch"], max(1, r["tgt_len"] // 2), src, bw, fl, r["beam"],
+                                      r.get("dtype", "bf16"))
+            row["bound"] = mid.bound
+            from .costmodel import critical_batch
+            cb = critical_batch(m, max(1, r["tgt_len"] // 2), src, bw, fl, r["beam"], r.get("dtype", "bf16"))
+            row["critical_batch"] = round(cb) if cb is not None else "never"
+        rows.append(row)
+    cap = (f"Cost model against measurement: {path.parent.name}/{path.name} on {dev_name}. Model = sum over the "
+           f"decode steps of max(bytes / bandwidth, FLOPs / peak) per step, from `mqa_repro.costmodel` "
+           f"({'datasheet: ' + sheet.source + '; ' if sheet else ''}measured: "
+           f"{_num((ceil.get('bandwidth_Bps') or 0) / 1e12, 2)} TB/s copy, "
+           f"{_num((ceil.get('peak_flops') or 0) / 1e12, 0)} TFLOP/s matmul). measured / model = 1 would mean "
+           f"the decoder runs at the physical limit; the rest is what the implementation leaves on the table. "
+           f"'bound' is the term that limits a step half-way through the decode; 'compute-bound from batch' the "
+           f"batch (sentences) above which that step turns compute-bound.")
+    key = f"costmodel_{path.parent.name}_{path.stem}"
+    return Table(key, f"Cost model vs measurement ({dev_name}, {path.parent.name}/{path.name})", cols, rows, cap)
+
+
+def table_multi_gpu(path: Path, summary: dict) -> Optional[Table]:
+    """Two GPUs against one: DDP training throughput and batch-sharded greedy decoding (scripts/two_gpus.sh)."""
+    train, dec = summary.get("training", {}), summary.get("decoding", {})
+    if not train and not dec:
+        return None
+    cols = [("variant", "attention"), ("tok_1", "train tokens/s, 1 GPU"), ("tok_2", "train tokens/s, 2 GPUs"),
+            ("scaling", "scaling"), ("loss_diff", "loss curve max rel. diff (same global batch)"),
+            ("dec_1", "decoder µs/token, 1 GPU"), ("dec_bound", "1-GPU roofline"),
+            ("dec_2", "decoder µs/token, 2 GPUs (batch-sharded)"), ("dec_speedup", "decoding speed-up")]
+    rows = []
+    for name in _order(set(train) | set(dec)):
+        t, d = train.get(name, {}), dec.get(name, {})
+        rows.append({"variant": name, "tok_1": t.get("tokens_per_s_1gpu_per_gpu_batch_16k"),
+                     "tok_2": t.get("tokens_per_s_2gpu_per_gpu_batch_16k"), "scaling": t.get("scaling_2gpu_over_1gpu"),
+                     "loss_diff": t.get("loss_curve_max_rel_diff_2gpu_vs_1gpu_same_global_batch"),
+                     "dec_1": d.get("us_per_token_1gpu"), "dec_bound": d.get("bound_us_per_token_1gpu"),
+                     "dec_2": d.get("us_per_token_2gpu_batch_sharded"), "dec_speedup": d.get("speedup_2gpu")})
+    prov = summary.get("provenance", {})
+    dev = (summary.get("decode_device") or {}).get("name", "?")
+    one = next(iter(dec.values()), {})
+    cap = (f"Two GPUs ({dev}) against one: {path.parent.name}/{path.name}. Training: the paper-size model, "
+           f"16k target tokens per GPU per step, DDP through torchrun and NCCL; the loss curve of 2 GPUs is "
+           f"compared with 1 GPU at the same global batch (32k). Decoding: greedy, batch "
+           f"{one.get('batch', '?')}, {one.get('src_len', '?')}/{one.get('tgt_len', '?')} tokens, each GPU "
+           f"holding half of the sequences (K/V cache sharded over the batch). {summary.get('notes', '')}; "
+           f"code {str(prov.get('git_sha', '?'))[:12]}.")
+    return Table(f"multigpu_{path.parent.name}", f"Two GPUs against one ({path.parent.name})", cols, rows, cap)
+
+
 # --------------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------------
@@ -341,7 +469,8 @@ def _num(x, digits=None) -> str:
         if digits is not None:
             return f"{x:.{digits}f}"
         a = abs(x)
-        return f"{x:.3f}" if a < 10 else f"{x:.2f}" if a < 100 else f"{x:.1f}"
+        return (f"{x:.3f}" if a < 10 else f"{x:.2f}" if a < 100 else f"{x:.1f}" if a < 10000
+                else f"{x:,.0f}")
     return str(x)
 
 
@@ -368,7 +497,7 @@ def _cell(key: str, v) -> str:
     if isinstance(v, float) and _digits(key) is not None:
         return _num(v, _digits(key))
     if key == "variant":
-        return paper.ROW_LABELS.get(v, v)
+        return _label(v)
     if key == "window" and v == "":
         return MISSING
     return _num(v)
@@ -462,7 +591,7 @@ def plots(col: Collection, tables: list, out_dir) -> list:
             for i, name in enumerate(_order({r["variant"] for r in rows})):
                 rs = sorted((r for r in rows if r["variant"] == name), key=lambda r: r[xkey])
                 xs = [r[xkey] for r in rs]
-                line, = ax.plot(xs, [r["us_per_token"] for r in rs], "o-", label=paper.ROW_LABELS.get(name, name))
+                line, = ax.plot(xs, [r["us_per_token"] for r in rs], "o-", label=_label(name))
                 ax.plot(xs, [r["bound_us_per_token"] for r in rs], "--", color=line.get_color(), alpha=0.6)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -492,7 +621,7 @@ def plots(col: Collection, tables: list, out_dir) -> list:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for x, y, name in pts:
             ax.scatter([x], [y])
-            ax.annotate(paper.ROW_LABELS.get(name, name), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.annotate(_label(name), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("self-attention K/V cache bytes per decoded token per sequence (bf16)")
         ax.set_ylabel(ylabel)
@@ -517,14 +646,30 @@ def build_tables(col: Collection, bootstrap_samples: int = 1000) -> list:
         else:
             tables.append(table3(spec, variants))
     for path, bench in col.benches:
-        t = table2(path, bench)
+        for make in (table2, table_cost_model):
+            t = make(path, bench)
+            if t is not None:
+                tables.append(t)
+    for path, summary in col.multi_gpu:
+        t = table_multi_gpu(path, summary)
         if t is not None:
             tables.append(t)
     return tables
 
 
-def report(root, fmt: str = "md", plots_dir=None, bootstrap_samples: int = 1000) -> tuple:
-    """Render the tables of everything under ``root``; returns (text, list of plot files)."""
+def report(root, fmt: str = "md", plots_dir=None, bootstrap_samples: int = 1000, notes=None) -> tuple:
+    """Render the tables of everything under ``root``; returns (text, list of plot files).
+
+    ``notes``: a Markdown file whose text goes beneath the tables (Markdown output only): the place for
+    the reader's commentary, kept apart so that re-running the report never loses it."""
+    notes_text = None
+    if notes is not None:
+        notes = Path(notes)
+        if fmt != "md":
+            raise UserError("--notes goes with --format md only")
+        if not notes.is_file():
+            raise UserError(f"--notes: {notes} does not exist")
+        notes_text = notes.read_text(encoding="utf-8")
     col = collect(root)
     tables = build_tables(col, bootstrap_samples)
     if not tables:
@@ -540,4 +685,6 @@ def report(root, fmt: str = "md", plots_dir=None, bootstrap_samples: int = 1000)
     else:
         raise UserError(f"unknown report format {fmt!r}; use md, csv, json or latex")
     written = plots(col, tables, plots_dir) if plots_dir else []
+    if notes_text is not None:
+        text = text.rstrip("\n") + "\n\n" + notes_text.strip("\n") + "\n"
     return text, written

@@ -125,3 +125,55 @@ def test_report_of_nothing_is_one_line(tmp_path):
     assert r.returncode == 2 and "no evaluated runs" in r.stderr and "Traceback" not in r.stderr
     r = cli("run", str(TINY), "--stages", "prepare,fly", cwd=tmp_path)
     assert r.returncode == 2 and "unknown stage 'fly'" in r.stderr
+
+
+def test_cost_model_multi_gpu_and_notes(pipeline, tmp_path):
+    work, results, _ = pipeline
+    copy = tmp_path / "results"
+    shutil.copytree(results / "tiny", copy / "tiny")
+    # A multi-GPU summary with its inputs beside it: a decode-bench file and runs nested deeper than
+    # <spec>/<variant>/seed<N>; neither may turn into another Table 2 or into Table 1 rows.
+    mg = copy / "multi_gpu" / "pair"
+    shutil.copytree(results / "tiny" / "multi_head" / "seed0", mg / "runs" / "one" / "tiny" / "multi_head" / "seed0")
+    shutil.copy(results / "tiny" / "bench" / "cpu.json", mg / "decode_1gpu_b16.json")
+    summary = {"kind": "multi-gpu", "provenance": {"git_sha": "abc"}, "decode_device": {"name": "TestGPU"},
+               "training": {"multi_head": {"tokens_per_s_1gpu_per_gpu_batch_16k": 100.0,
+                                           "tokens_per_s_2gpu_per_gpu_batch_16k": 190.0,
+                                           "scaling_2gpu_over_1gpu": 1.9}},
+               "decoding": {"multi_query": {"batch": 8, "us_per_token_1gpu": 2.0, "speedup_2gpu": 1.5}}}
+    (mg / "summary.json").write_text(json.dumps(summary))
+    notes = tmp_path / "notes.md"
+    notes.write_text("## What it shows\n\nPlain words.\n")
+    r = cli("report", str(copy), "--format", "json", "--bootstrap", "0", cwd=work)
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    keys = [t["key"] for t in j["tables"]]
+    assert sum(k.startswith("table2_") for k in keys) == 1 and "multigpu_pair" in keys
+    t1 = next(t for t in j["tables"] if t["key"] == "table1_tiny")
+    assert next(row for row in t1["rows"] if row["variant"] == "multi_head")["seeds"] == 1
+    mgt = next(t for t in j["tables"] if t["key"] == "multigpu_pair")
+    assert {row["variant"] for row in mgt["rows"]} == {"multi_head", "multi_query"}
+    # the cost model's prediction with the measured ceilings is decode-bench's own roofline bound
+    bench = json.loads((results / "tiny" / "bench" / "cpu.json").read_text())
+    cm = next(t for t in j["tables"] if t["key"].startswith("costmodel_"))
+    for row in cm["rows"]:
+        b = next(x for x in bench["rows"] if x["measure"] == "decoder" and x["variant"] == row["variant"]
+                 and x["beam"] == row["beam"] and not x.get("sweep"))
+        assert row["model_measured"] == pytest.approx(b["bound_us_per_token"], rel=1e-9)
+        assert row["x_measured"] == pytest.approx(b["us_per_token"] / b["bound_us_per_token"], rel=1e-9)
+    md = cli("report", str(copy), "--bootstrap", "0", "--notes", str(notes), cwd=work)
+    assert md.returncode == 0 and md.stdout.rstrip().endswith("Plain words.")
+    bad = cli("report", str(copy), "--format", "csv", "--notes", str(notes), cwd=work)
+    assert bad.returncode == 2 and "--notes" in bad.stderr
+
+
+def test_uptrained_rows_are_labelled_and_ordered():
+    from mqa_repro.report import _label, _order
+
+    names = ["multi_head_to_kv2_mean_5pct", "multi_head_to_kv1_random_5pct", "multi_head_to_kv1_mean_10pct",
+             "multi_query", "multi_head_to_kv1_mean_5pct", "multi_head"]
+    assert _order(names) == ["multi_head", "multi_query", "multi_head_to_kv1_mean_5pct",
+                             "multi_head_to_kv1_mean_10pct", "multi_head_to_kv1_random_5pct",
+                             "multi_head_to_kv2_mean_5pct"]
+    assert _label("multi_head_to_kv1_mean_5pct") == "multi-head → multi-query, uptrained 5% (mean init.)"
+    assert _label("multi_head_to_kv2_first_200steps") == "multi-head → 2 K/V heads, uptrained 200 steps (first init.)"
