@@ -373,7 +373,7 @@ def table_cost_model(path: Path, bench: dict) -> Optional[Table]:
     """The analytic cost model (``mqa-repro cost-model``) beside the decode-bench measurements it predicts:
     once with the device's datasheet ceilings, once with the ceilings decode-bench measured (= the roofline
     column of Table 2), and the measured time over each prediction."""
-    from .costmodel import predict_decode_step, predict_decoder_us_per_token
+    from .costmodel import critical_batch, predict_decode_step, predict_decoder_us_per_token
 
     rows_in = [r for r in bench.get("rows", []) if r.get("measure") == "decoder" and not r.get("sweep")]
     specs = bench.get("variants", {})
@@ -388,11 +388,8 @@ def table_cost_model(path: Path, bench: dict) -> Optional[Table]:
         cols += [("model_sheet", f"model, {sheet.name} datasheet"), ("x_sheet", "measured / model")]
     cols += [("model_measured", "model, measured ceilings"), ("x_measured", "measured / model"),
              ("bound", "bound at t = L/2"), ("critical_batch", "compute-bound from batch")]
-    rows = []
-    for r in sorted(rows_in, key=lambda r: (_order(specs).index(r["variant"]) if r["variant"] in specs else 99,
-                                            r["beam"])):
-        if r["variant"] not in specs:
-            continue
+    rows, order = [], _order(specs)
+    for r in sorted((r for r in rows_in if r["variant"] in specs), key=lambda r: (order.index(r["variant"]), r["beam"])):
         m = Variant.from_dict(specs[r["variant"]]).model
         src = r.get("src_len", 0) if m.kind == "encoder-decoder" else 0
         args = (m, r["batch"], src, r["tgt_len"], r["beam"])
@@ -408,7 +405,6 @@ def table_cost_model(path: Path, bench: dict) -> Optional[Table]:
             mid = predict_decode_step(m, r["batch"], max(1, r["tgt_len"] // 2), src, bw, fl, r["beam"],
                                       r.get("dtype", "bf16"))
             row["bound"] = mid.bound
-            from .costmodel import critical_batch
             cb = critical_batch(m, max(1, r["tgt_len"] // 2), src, bw, fl, r["beam"], r.get("dtype", "bf16"))
             row["critical_batch"] = round(cb) if cb is not None else "never"
         rows.append(row)
