@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Optional
 from . import paper
 from .errors import UserError
 from .spec import Variant, kv_cache_bytes, param_count
+from .uptrain import METHODS, parse_uptrain_name
 
 MISSING = "–"
 
@@ -139,17 +139,14 @@ def _ln_ppl(m: dict, split: str):
     return p["ln_ppl_per_subword"] if p else None
 
 
-_UPTRAINED = re.compile(r"^(?P<src>.+)_to_kv(?P<g>\d+)_(?P<method>mean|first|random)_(?P<amount>.+)$")
-
-
 def _label(name: str) -> str:
     """The paper's row label, or one for an uptrained row (``mqa-repro uptrain``)."""
-    m = _UPTRAINED.match(name)
-    if m:
-        kind = "multi-query" if m["g"] == "1" else f"{m['g']} K/V heads"
-        amount = m["amount"].replace("pct", "%").replace("steps", " steps")
-        src = paper.ROW_LABELS.get(m["src"], m["src"])
-        return f"{src} → {kind}, uptrained {amount} ({m['method']} init.)"
+    u = parse_uptrain_name(name)
+    if u:
+        kind = "multi-query" if u["kv_heads"] == 1 else f"{u['kv_heads']} K/V heads"
+        amount = f"{u['amount']:g}%" if u["unit"] == "pct" else f"{u['amount']:g} steps"
+        src = paper.ROW_LABELS.get(u["source"], u["source"])
+        return f"{src} → {kind}, uptrained {amount} ({u['method']} init.)"
     return paper.ROW_LABELS.get(name, name)
 
 
@@ -159,11 +156,9 @@ def _order(names) -> list:
     def key(n):
         if n in known:
             return (known.index(n), 0, 0, 0.0, n)
-        m = _UPTRAINED.match(n)
-        if m:   # by K/V heads, then mean / first / random, then the amount of uptraining
-            amount = re.match(r"[\d.]+", m["amount"])
-            return (len(known), int(m["g"]), ("mean", "first", "random").index(m["method"]),
-                    float(amount.group()) if amount else 0.0, n)
+        u = parse_uptrain_name(n)
+        if u:   # by K/V heads, then mean / first / random, then the amount of uptraining
+            return (len(known), u["kv_heads"], METHODS.index(u["method"]), u["amount"], n)
         return (len(known) + 1, 0, 0, 0.0, n)
 
     return sorted(names, key=key)
@@ -389,23 +384,22 @@ def table_cost_model(path: Path, bench: dict) -> Optional[Table]:
     cols += [("model_measured", "model, measured ceilings"), ("x_measured", "measured / model"),
              ("bound", "bound at t = L/2"), ("critical_batch", "compute-bound from batch")]
     rows, order = [], _order(specs)
-    for r in sorted((r for r in rows_in if r["variant"] in specs), key=lambda r: (order.index(r["variant"]), r["beam"])):
+    mine = [r for r in rows_in if r["variant"] in specs]
+    for r in sorted(mine, key=lambda r: (order.index(r["variant"]), r["beam"])):
         m = Variant.from_dict(specs[r["variant"]]).model
         src = r.get("src_len", 0) if m.kind == "encoder-decoder" else 0
+        dtype, mid = r.get("dtype", "bf16"), max(1, r["tgt_len"] // 2)
         args = (m, r["batch"], src, r["tgt_len"], r["beam"])
         row = {"variant": r["variant"], "beam": r["beam"], "measured": r["us_per_token"]}
         if sheet:
-            row["model_sheet"] = predict_decoder_us_per_token(*args, sheet.bandwidth_Bps, sheet.flops_per_s,
-                                                              r.get("dtype", "bf16"))
+            row["model_sheet"] = predict_decoder_us_per_token(*args, sheet.bandwidth_Bps, sheet.flops_per_s, dtype)
             row["x_sheet"] = r["us_per_token"] / row["model_sheet"]
         if ceil.get("bandwidth_Bps") and ceil.get("peak_flops"):
             bw, fl = ceil["bandwidth_Bps"], ceil["peak_flops"]
-            row["model_measured"] = predict_decoder_us_per_token(*args, bw, fl, r.get("dtype", "bf16"))
+            row["model_measured"] = predict_decoder_us_per_token(*args, bw, fl, dtype)
             row["x_measured"] = r["us_per_token"] / row["model_measured"]
-            mid = predict_decode_step(m, r["batch"], max(1, r["tgt_len"] // 2), src, bw, fl, r["beam"],
-                                      r.get("dtype", "bf16"))
-            row["bound"] = mid.bound
-            cb = critical_batch(m, max(1, r["tgt_len"] // 2), src, bw, fl, r["beam"], r.get("dtype", "bf16"))
+            row["bound"] = predict_decode_step(m, r["batch"], mid, src, bw, fl, r["beam"], dtype).bound
+            cb = critical_batch(m, mid, src, bw, fl, r["beam"], dtype)
             row["critical_batch"] = round(cb) if cb is not None else "never"
         rows.append(row)
     cap = (f"Cost model against measurement: {path.parent.name}/{path.name} on {dev_name}. Model = sum over the "
@@ -606,7 +600,8 @@ def plots(col: Collection, tables: list, out_dir) -> list:
             ykeys = [k for k, _ in t.columns if k.startswith("bleu_") and k != "bleu_dev"]
             if ykeys:   # the first test set at the largest beam
                 first = ykeys[0].rsplit("_b", 1)[0]
-                ykey = max((k for k in ykeys if k.rsplit("_b", 1)[0] == first), key=lambda k: int(k.rsplit("_b", 1)[1]))
+                ykey = max((k for k in ykeys if k.rsplit("_b", 1)[0] == first),
+                           key=lambda k: int(k.rsplit("_b", 1)[1]))
                 ylabel = ykey.replace("bleu_", "test BLEU ").replace("_b", ", beam ")
             else:
                 ykey, ylabel = "bleu_dev", "dev BLEU"
@@ -615,7 +610,7 @@ def plots(col: Collection, tables: list, out_dir) -> list:
         else:
             continue
         pts = [(r["kv_bytes_per_token"], r[ykey][0], r["variant"]) for r in t.rows   # the paper's rows (and GQA)
-               if isinstance(r.get(ykey), tuple) and r[ykey][0] is not None and not _UPTRAINED.match(r["variant"])]
+               if isinstance(r.get(ykey), tuple) and r[ykey][0] is not None and not parse_uptrain_name(r["variant"])]
         if not pts:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.4))

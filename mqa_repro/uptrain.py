@@ -17,7 +17,9 @@ Optimizer state starts fresh (the key/value projections change shape).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +29,8 @@ from .errors import UserError
 from .spec import Variant
 
 METHODS = ("mean", "first", "random")
+_NAME = re.compile(rf"^(?P<source>.+)_to_kv(?P<kv_heads>\d+)_(?P<method>{'|'.join(METHODS)})_"
+                   r"(?P<amount>\d+(?:\.\d+)?)(?P<unit>pct|steps)$")
 
 
 def uptrain_name(source: str, kv_heads: int, method: str, steps: int, source_steps: int) -> str:
@@ -34,6 +38,15 @@ def uptrain_name(source: str, kv_heads: int, method: str, steps: int, source_ste
     pct = 100.0 * steps / source_steps
     tag = f"{pct:g}pct" if abs(pct - round(pct, 1)) < 1e-9 else f"{steps}steps"
     return f"{source}_to_kv{kv_heads}_{method}_{tag}"
+
+
+def parse_uptrain_name(name: str) -> Optional[dict]:
+    """The parts of a name made by :func:`uptrain_name` (source, kv_heads, method, amount, unit), else None."""
+    m = _NAME.match(name)
+    if not m:
+        return None
+    return {"source": m["source"], "kv_heads": int(m["kv_heads"]), "method": m["method"],
+            "amount": float(m["amount"]), "unit": m["unit"]}
 
 
 def uptrain_variant(source: Variant, kv_heads: int, method: str, *, fraction: Optional[float] = None,
@@ -107,8 +120,6 @@ def uptrain_run(run_dir, kv_heads: int, *, method: str = "mean", fraction: Optio
     man_path = run_dir / "manifest.json"
     if not man_path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no manifest.json); give one written by train")
-    import json
-
     man = json.loads(man_path.read_text(encoding="utf-8"))
     if man.get("status") != "finished":
         raise UserError(f"{run_dir}: its training has not finished (status {man.get('status')!r}); "
