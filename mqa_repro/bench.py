@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import roofline as rl
 from .errors import UserError
-from .fastdecode import DecodeRun, FastDecoder
+from .fastdecode import DecodeRun, FastDecoder, tuning_record
 from .model import BOS, PAD, Transformer, count_parameters
 from .provenance import device_info, manifest
 
@@ -47,6 +47,7 @@ class BenchConfig:
     streams: int = 1            # CUDA: the batch split over this many streams (2 measured slower on an H100)
     attention: str = "triton"   # or "torch" (the CPU always uses torch)
     check: bool = True          # fast path == model.decode_step, graph == eager, beam == reference beam
+    tune: bool = True           # CUDA: time attention launches and split-K choices on the device (else fixed)
     sweep: Optional[str] = None  # "batch" or "length"
     sweep_values: list = field(default_factory=list)
 
@@ -247,7 +248,7 @@ def bench_decoder(variant, model, cfg: BenchConfig, device, ceil: rl.Ceilings, b
     m = variant.model
     batch, src_len, tgt_len = batch or cfg.batch, src_len or cfg.src_len, tgt_len or cfg.tgt_len
     seq2seq = m.kind == "encoder-decoder"
-    fast = FastDecoder(model, use_triton=cfg.attention == "triton")
+    fast = FastDecoder(model, use_triton=cfg.attention == "triton", tune=cfg.tune)
     rows = []
     cross = None
     shape = {"batch": batch, "src_len": src_len if seq2seq else 0, "tgt_len": tgt_len}
@@ -271,7 +272,8 @@ def bench_decoder(variant, model, cfg: BenchConfig, device, ceil: rl.Ceilings, b
                          hyp_tokens=batch * beam * tgt_len if beam > 1 else None, **shape,
                          impl={"cuda_graphs": graphs, "graphs": len(run.graphs), "streams": len(chunks),
                                "attention": "triton" if (graphs and cfg.attention == "triton") else "torch",
-                               "beam_reorder": "indirect (ancestor table)" if beam > 1 else None},
+                               "beam_reorder": "indirect (ancestor table)" if beam > 1 else None,
+                               **fast.describe()},
                          kv_cache_bytes=_kv_cache_bytes(m, batch, beam, src_len if seq2seq else 0, tgt_len,
                                                         cfg.dtype)))
         del run, chunks
@@ -312,13 +314,14 @@ def reference_fixed_beam(model: Transformer, src_BS, batch: int, beam: int, step
 
 @torch.no_grad()
 def check_fast_path(variant, model: Transformer, cfg: BenchConfig, device, beam: int = 4,
-                    batch: int = 4) -> dict:
-    """The fast decoder computes model.decode_step's function; graphs replay what eager computes."""
+                    batch: int = 4, split: Optional[int] = None) -> dict:
+    """The fast decoder computes model.decode_step's function; graphs replay what eager computes.
+    ``split`` fixes how the residual products are computed (FastDecoder); None lets the device choose."""
     m = variant.model
     steps = min(cfg.tgt_len, 40)
     seq2seq = m.kind == "encoder-decoder"
     src = random_tokens(batch, cfg.src_len, m.vocab_size, device, seed=3) if seq2seq else None
-    fast = FastDecoder(model, use_triton=cfg.attention == "triton")
+    fast = FastDecoder(model, use_triton=cfg.attention == "triton", split=split, tune=cfg.tune)
     cross = fast.encode(src) if seq2seq else None
     # 1. logits, step by step, teacher-forced with the reference's greedy tokens
     state = model.start_decoding(batch, steps, src_BS=src)
@@ -462,7 +465,7 @@ def run_bench(variants: list, cfg: BenchConfig, checkpoint_state=None, peer: Opt
         "config": asdict(cfg), "ceilings": ceil.to_dict(),
         "variants": {v.name: v.to_dict() for v in variants},
         "spec_hashes": {v.name: v.hash for v in variants},
-        "rows": rows, "checks": checks, "peers": peers,
+        "rows": rows, "checks": checks, "peers": peers, "tuning": tuning_record(),
         "notes": ("per token = time / (batch x tgt_len) (the paper's per sentence output token); "
                   "us_per_hyp_token divides by batch x beam x tgt_len; bound = sum over steps of "
                   "max(bytes / copy bandwidth, FLOPs / matmul peak); logits, top-k and layer norms are "

@@ -302,6 +302,9 @@ def decode_bench(
     check: bool = typer.Option(True, "--check/--no-check", help="Check the fast decoder against the model first."),
     streams: int = typer.Option(1, "--streams", help="CUDA streams the batch is split over (1 = none)."),
     attention: str = typer.Option("triton", "--attention", help="Decode attention on CUDA: triton or torch."),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="CUDA: pick the attention kernel's launch and "
+                              "the split of the residual products by timing them on this device (recorded "
+                              "in the JSON); --no-tune uses fixed choices."),
 ):
     """Table 2 on this device: training, encoder and decoder (greedy, beam) microseconds per output token for
     each variant, beside the roofline bound, MBU, MFU and KV-cache bytes; CUDA graphs on a GPU."""
@@ -335,7 +338,7 @@ def decode_bench(
     cfg = bench.default_config(variants[0], dev, batch=batch_size, src_len=src_len, tgt_len=tgt_len,
                                beams=sorted(set(beam)) if beam else None, repeats=repeats,
                                dtype=dtype.value if dtype else None, train=train, check=check, streams=streams,
-                               attention=attention, sweep=sweep.value if sweep else None,
+                               attention=attention, tune=tune, sweep=sweep.value if sweep else None,
                                sweep_values=list(sweep_values) if sweep_values else None)
     res = bench.run_bench(variants, cfg, state, peer, spec_path=str(spec),
                           log=lambda msg: err.print(msg, highlight=False))

@@ -24,6 +24,7 @@ attention, N for self-attention).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -37,6 +38,13 @@ try:  # Triton is optional: CPU runs use the torch attention below
     import triton.language as tl
 except Exception:  # pragma: no cover - no triton on this machine
     triton = None
+
+# Under Triton's interpreter (TRITON_INTERPRET=1) the kernels also run on CPU tensors: tests use it where no GPU is.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_here(t: torch.Tensor) -> bool:
+    return triton is not None and (t.is_cuda or _INTERPRET)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,9 +104,96 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
 
 
-# Launch configuration of the decode-attention kernel, picked on an H100 (notes/bench.md): one block of 128
-# positions, 8 warps once 32 or more query rows share a K/V row (beam 4 x 8 heads of multi-query attention).
+    @triton.jit
+    def _add_layernorm_kernel(x_ptr, p_ptr, w_ptr, b_ptr, h_ptr, D, eps,
+                              stride_x, stride_ps, stride_pm, stride_h,
+                              PARTS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """x[row] += sum of PARTS partial products (stored rounded, like the model's residual); then
+        h[row] = LayerNorm(x[row]) in fp32. One program per row."""
+        row = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        ok = d < D
+        x = tl.load(x_ptr + row * stride_x + d, mask=ok, other=0.0).to(tl.float32)
+        if PARTS > 0:
+            for s in tl.static_range(PARTS):
+                x += tl.load(p_ptr + s * stride_ps + row * stride_pm + d, mask=ok, other=0.0).to(tl.float32)
+            xr = x.to(x_ptr.dtype.element_ty)
+            tl.store(x_ptr + row * stride_x + d, xr, mask=ok)
+            x = xr.to(tl.float32)
+        mean = tl.sum(x, 0) / D
+        xc = tl.where(ok, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, 0) / D + eps)
+        w = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + d, mask=ok, other=0.0).to(tl.float32)
+        tl.store(h_ptr + row * stride_h + d, (xc * rstd * w + b).to(h_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _argmax_kernel(x_ptr, o1_ptr, o2_ptr, V, stride_x, BLOCK: tl.constexpr):
+        """o1[row] = o2[row] = the first index of the row's maximum (torch.argmax's tie rule)."""
+        row = tl.program_id(0).to(tl.int64)
+        off = tl.arange(0, BLOCK)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        arg = tl.zeros([BLOCK], tl.int32)
+        for v0 in range(0, V, BLOCK):
+            idx = v0 + off
+            x = tl.load(x_ptr + row * stride_x + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
+            upd = x > best        # strictly greater: each lane keeps its first maximum
+            best = tl.where(upd, x, best)
+            arg = tl.where(upd, idx, arg)
+        top = tl.max(best, 0)
+        first = tl.min(tl.where(best == top, arg, 2147483647), 0).to(tl.int64)
+        tl.store(o1_ptr + row, first)
+        tl.store(o2_ptr + row, first)
+
+
+# Launch configuration of the decode-attention kernel when it is not tuned (notes/bench.md, an H100): one
+# block of 128 positions, 8 warps once 32 or more query rows share a K/V row (beam 4 x 8 heads of MQA).
 ATTENTION_CONFIG = {"block_t": 128, "num_warps": 4, "num_warps_wide": 8, "num_stages": 2}
+# What the tuner tries, (block_t, num_warps, num_stages): the best depends on the device, on how many query
+# rows share a K/V row and on the live length, so each combination is timed once on the device at first use.
+ATTENTION_CANDIDATES = [(32, 4, 3), (32, 2, 4), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 1), (128, 4, 2),
+                        (128, 8, 1), (128, 8, 2)]
+SPLIT_CANDIDATES = (0, 1, 2, 4)   # residual products: 0 = addmm_ into the residual, s >= 1 = s K-slices
+
+# Every choice made on this device by timing, with the candidates' times (recorded in decode-bench's JSON).
+TUNING: dict = {}
+_ATTN_TUNED: dict = {}
+_SPLIT_TUNED: dict = {}
+
+
+def tuning_record() -> dict:
+    return {k: dict(v) for k, v in sorted(TUNING.items())}
+
+
+def _time_us(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median-free mean of ``reps`` back-to-back calls, CUDA events (tuning only; not a reported time)."""
+    for _ in range(warmup):
+        fn()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps
+
+
+def _pick(name: str, candidates: list, make_fn) -> object:
+    """The fastest of ``candidates`` (``make_fn(c)`` gives a callable running c); failures are skipped."""
+    times = {}
+    for c in candidates:
+        try:
+            times[c] = _time_us(make_fn(c))
+        except Exception as e:  # e.g. a launch configuration needing more shared memory than the device has
+            times[c] = f"{type(e).__name__}"
+    ok = {c: t for c, t in times.items() if isinstance(t, float)}
+    if not ok:
+        raise RuntimeError(f"tuning {name}: every candidate failed: {times}")
+    best = min(ok, key=ok.get)
+    TUNING[name] = {"choice": list(best) if isinstance(best, tuple) else best,
+                    "us": {str(list(c) if isinstance(c, tuple) else c): (round(t, 2) if isinstance(t, float) else t)
+                           for c, t in times.items()}}
+    return best
 
 
 def _pow2(x: int) -> bool:
@@ -106,11 +201,11 @@ def _pow2(x: int) -> bool:
 
 
 def triton_ok(q_NHK: torch.Tensor, d_k: int, d_v: int) -> bool:
-    return (triton is not None and q_NHK.is_cuda and _pow2(d_k) and _pow2(d_v) and d_k >= 16 and d_v >= 16)
+    return _triton_here(q_NHK) and _pow2(d_k) and _pow2(d_v) and d_k >= 16 and d_v >= 16
 
 
 def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float, anc_SN=None,
-                     time_major: bool = True, use_triton: bool = True):
+                     time_major: bool = True, use_triton: bool = True, tune: bool = True):
     """softmax(q k^T * scale) v over the first ``L`` positions; one K/V row serves ``share`` query rows.
 
     q_NHK: [N, H, d_k]; kv_XMGC: the cache, [slots, M, G, C] (time-major) or [M, S, G, C]; N = M * share.
@@ -130,14 +225,39 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
         out = torch.empty(n, h, d_v, device=q_NHK.device, dtype=q_NHK.dtype)
         r_pad = max(16, triton.next_power_of_2(share * qh))
         anc = anc_SN if anc_SN is not None else q_NHK  # unused pointer when not indirect
-        _decode_attention_kernel[(m_rows, g)](
-            q_NHK, kv_XMGC, out, anc, L, scale,
-            q_NHK.stride(0), q_NHK.stride(1), st, sm, kv_XMGC.stride(2),
-            out.stride(0), out.stride(1), anc_SN.stride(0) if anc_SN is not None else 0,
-            QH=qh, SHARE=share, R_PAD=r_pad, DK=d_k, DV=d_v, BLOCK_T=ATTENTION_CONFIG["block_t"],
-            INDIRECT=anc_SN is not None, IEEE=q_NHK.dtype == torch.float32,
-            num_warps=ATTENTION_CONFIG["num_warps_wide" if r_pad >= 32 else "num_warps"],
-            num_stages=ATTENTION_CONFIG["num_stages"])
+
+        def launch(cfg, length=L, o=out):
+            block_t, warps, stages = cfg
+            _decode_attention_kernel[(m_rows, g)](
+                q_NHK, kv_XMGC, o, anc, length, scale,
+                q_NHK.stride(0), q_NHK.stride(1), st, sm, kv_XMGC.stride(2),
+                o.stride(0), o.stride(1), anc_SN.stride(0) if anc_SN is not None else 0,
+                QH=qh, SHARE=share, R_PAD=r_pad, DK=d_k, DV=d_v, BLOCK_T=block_t,
+                INDIRECT=anc_SN is not None, IEEE=q_NHK.dtype == torch.float32,
+                num_warps=warps, num_stages=stages)
+
+        default = (ATTENTION_CONFIG["block_t"], ATTENTION_CONFIG["num_warps_wide" if r_pad >= 32 else "num_warps"],
+                   ATTENTION_CONFIG["num_stages"])
+        cfg = default
+        if tune and q_NHK.is_cuda:
+            # one choice per shape and live-length bucket, timed at the bucket's longest length
+            bucket = max(32, triton.next_power_of_2(L))
+            slots = kv_XMGC.shape[0] if time_major else kv_XMGC.shape[1]
+            key = (n, h, g, c, share, anc_SN is not None, time_major, str(q_NHK.dtype), bucket, slots,
+                   torch.cuda.get_device_name(q_NHK.device))
+            cfg = _ATTN_TUNED.get(key)
+            if cfg is None:
+                if torch.cuda.is_current_stream_capturing():
+                    cfg = default   # never tuned inside a graph capture (the warm-up tunes first)
+                else:
+                    scratch = torch.empty_like(out)
+                    length = min(bucket, slots)
+                    cands = [x for x in ATTENTION_CANDIDATES if x[0] <= max(32, bucket)]
+                    name = (f"attention rows={n} heads={h} kv_heads={g} share={share} "
+                            f"{'ancestors' if anc_SN is not None else 'direct'} live<={bucket} slots={slots} "
+                            f"{str(q_NHK.dtype).replace('torch.', '')}")
+                    cfg = _ATTN_TUNED[key] = _pick(name, cands, lambda x: (lambda: launch(x, length, scratch)))
+        launch(cfg)
         return out
     # torch: the same arithmetic (the CPU path and the reference for the kernel)
     kv = kv_XMGC[:L] if time_major else kv_XMGC[:, :L].transpose(0, 1)           # [L, M, G, C]
@@ -149,6 +269,50 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
     s = torch.matmul(q_MGRK, k_MGLK.transpose(-1, -2)).float() * scale
     out_MGRV = torch.matmul(torch.softmax(s, -1).to(v_MGLV.dtype), v_MGLV)
     return out_MGRV.view(m_rows, g, share, qh, d_v).transpose(1, 2).reshape(n, h, d_v)
+
+
+# --------------------------------------------------------------------------------------------------
+# Residual products, layer norms and argmax
+# --------------------------------------------------------------------------------------------------
+def project_parts(a_MK: torch.Tensor, w_NK: torch.Tensor, s: int) -> torch.Tensor:
+    """a @ w^T as ``s`` partial products over slices of K, [s, M, N] (split-K: ``s`` times the tiles when M x N
+    alone would leave most of a large GPU idle). The slices are strided views; nothing is copied."""
+    if s == 1:
+        return torch.mm(a_MK, w_NK.t()).unsqueeze(0)
+    m, k = a_MK.shape
+    n = w_NK.shape[0]
+    if k % s:
+        raise ValueError(f"split-K: {k} columns do not split into {s} slices")
+    return torch.bmm(a_MK.view(m, s, k // s).transpose(0, 1), w_NK.view(n, s, k // s).permute(1, 2, 0))
+
+
+def add_layernorm(x_MD: torch.Tensor, parts_SMD: Optional[torch.Tensor], norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """x += the sum of the partial products (in fp32, rounded once into x); returns norm(x). One kernel on CUDA."""
+    if _triton_here(x_MD) and norm.bias is not None and x_MD.stride(1) == 1:
+        h = torch.empty_like(x_MD)
+        p = parts_SMD if parts_SMD is not None else x_MD
+        d = x_MD.shape[1]
+        _add_layernorm_kernel[(x_MD.shape[0],)](
+            x_MD, p, norm.weight, norm.bias, h, d, norm.eps, x_MD.stride(0),
+            p.stride(0) if parts_SMD is not None else 0, p.stride(1) if parts_SMD is not None else 0, h.stride(0),
+            PARTS=0 if parts_SMD is None else parts_SMD.shape[0], BLOCK_D=triton.next_power_of_2(d),
+            num_warps=4 if d <= 2048 else 8)
+        return h
+    if parts_SMD is not None:
+        x_MD.copy_((x_MD.float() + parts_SMD.float().sum(0)).to(x_MD.dtype))
+    return norm(x_MD)
+
+
+def argmax_into(logits_NV: torch.Tensor, *outs: torch.Tensor) -> None:
+    """Each row's argmax (first index of the maximum) written into every tensor of ``outs`` ([N] int64)."""
+    if _triton_here(logits_NV) and logits_NV.stride(1) == 1 and len(outs) == 2:
+        n, v = logits_NV.shape
+        _argmax_kernel[(n,)](logits_NV, outs[0], outs[1], v, logits_NV.stride(0),
+                             BLOCK=min(4096, triton.next_power_of_2(v)), num_warps=8)
+        return
+    tok = logits_NV.argmax(-1)
+    for o in outs:
+        o.copy_(tok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,10 +364,14 @@ class Chunk:
 class FastDecoder:
     """Decoder steps of ``model`` for fixed-length greedy / beam search; see the module docstring."""
 
-    def __init__(self, model: Transformer, use_triton: bool = True):
+    def __init__(self, model: Transformer, use_triton: bool = True, split: Optional[int] = None, tune: bool = True):
+        """``split``: how the residual products are computed (see SPLIT_CANDIDATES); None picks the fastest on
+        a GPU by timing (``tune``) and 0 elsewhere. ``tune`` also times the attention kernel's launches."""
         self.model = model
         m = model.spec
         self.spec, self.use_triton = m, use_triton
+        self.fused = use_triton and _triton_here(model.embed.weight)
+        self.split, self.tune = split, tune
         self.h, self.g, self.d_k, self.d_v = m.n_heads, m.n_kv_heads, m.d_k, m.d_v
         self.c = m.d_k + m.d_v
         self.scale = m.d_k ** -0.5
@@ -226,6 +394,17 @@ class FastDecoder:
                     ln3=blk.ffn_norm, w_i=blk.ffn.wi.weight,
                     zero_F=torch.zeros(blk.ffn.wi.weight.shape[0], device=self.device, dtype=self.dtype),
                     w_o_ffn=blk.ffn.wo.weight))
+
+    def describe(self) -> dict:
+        """How the decoder step is computed (recorded beside every decode-bench time)."""
+        how = ("timed per shape (decode-bench JSON: tuning)" if self.split is None and self.fused and self.tune
+               else self.split or 0)
+        return {"layer_norm": "Triton, fused with the residual add" if self.fused else "torch",
+                "residual_products": {"split": how, "candidates": "0 = addmm_ into the residual, s = s K-slices "
+                                                                  "summed in the layer-norm kernel"},
+                "greedy_argmax": "Triton" if self.fused else "torch",
+                "attention_launch": ("timed per shape and live-length bucket" if self.fused and self.tune
+                                     else "fixed")}
 
     # -- encoder -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -251,12 +430,38 @@ class FastDecoder:
         return [F.linear(mem, L.w_kv_cross).view(b, s, self.g, self.c) for L in self.layers]
 
     def _ffn(self, x_ND, norm, w_i, w_o, zero_F):
-        hn = norm(x_ND)
-        if self._relu_mm and zero_F is not None and x_ND.is_cuda:
-            f = torch._addmm_activation(zero_F, hn, w_i.t())
-        else:
-            f = F.relu(F.linear(hn, w_i))
-        x_ND.addmm_(f, w_o.t())
+        x_ND.addmm_(self._ffn_hidden(norm(x_ND), w_i, zero_F), w_o.t())
+
+    def _ffn_hidden(self, hn_ND, w_i, zero_F):
+        if self._relu_mm and zero_F is not None and hn_ND.is_cuda:
+            return torch._addmm_activation(zero_F, hn_ND, w_i.t())
+        return F.relu(F.linear(hn_ND, w_i))
+
+    def _residual(self, x_ND, a_NK, w, s: int, norm) -> torch.Tensor:
+        """x += a @ w^T (``s`` as in SPLIT_CANDIDATES); returns norm(x), the next sublayer's input."""
+        if s == 0:
+            x_ND.addmm_(a_NK, w.t())
+            return add_layernorm(x_ND, None, norm) if self.fused else norm(x_ND)
+        return add_layernorm(x_ND, project_parts(a_NK, w, s), norm)
+
+    def _split_for(self, x_ND, a_NK, w, norm) -> int:
+        if self.split is not None:
+            return self.split
+        if not (self.fused and self.tune and w.is_cuda):
+            return 0
+        k = a_NK.shape[1]
+        key = (a_NK.shape[0], k, w.shape[0], str(w.dtype), torch.cuda.get_device_name(w.device))
+        if key not in _SPLIT_TUNED:
+            if torch.cuda.is_current_stream_capturing():
+                return 0
+            xs, a = x_ND.clone(), torch.randn_like(a_NK) * 0.02
+            cands = [c for c in SPLIT_CANDIDATES if c == 0 or (k % c == 0 and (k // c) % 16 == 0)]
+            name = f"residual product rows={key[0]} k={k} n={key[2]} {key[3].replace('torch.', '')}"
+            _SPLIT_TUNED[key] = _pick(name, cands, lambda c: (lambda: self._residual(xs, a, w, c, norm)))
+        return _SPLIT_TUNED[key]
+
+    def _add(self, x_ND, a_NK, w, norm) -> torch.Tensor:
+        return self._residual(x_ND, a_NK, w, self._split_for(x_ND, a_NK, w, norm), norm)
 
     # -- state -------------------------------------------------------------------------------------
     def new_chunk(self, cross_BSGC: Optional[list], batch: int, beam: int, steps: int) -> Chunk:
@@ -292,25 +497,24 @@ class FastDecoder:
         slot, live = t % slots, min(t + 1, slots)
         hk = self.h * self.d_k
         x = torch.add(model.tgt_pos.weight[t], model.embed(ch.tok_N), alpha=model.emb_scale)  # [N, D]
+        hn = add_layernorm(x, None, self.layers[0].ln1) if self.fused else self.layers[0].ln1(x)
         for i, L in enumerate(self.layers):
-            hn = L.ln1(x)
+            after = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else model.dec_norm
             qkv = F.linear(hn, L.w_qkv)                                                  # [N, H*K + G*C]
             ch.cache_LTNGC[i][slot].copy_(qkv[:, hk:].view(n, self.g, self.c))
             o = decode_attention(qkv[:, :hk].view(n, self.h, self.d_k), ch.cache_LTNGC[i], live, self.d_k,
-                                 1, self.scale, anc_SN, True, self.use_triton)
-            x.addmm_(o.view(n, -1), L.w_o.t())
+                                 1, self.scale, anc_SN, True, self.use_triton, self.tune)
+            hn = self._add(x, o.view(n, -1), L.w_o, L.ln2 if L.ln2 is not None else L.ln3)
             if L.ln2 is not None:
-                q = F.linear(L.ln2(x), L.w_q_cross).view(n, self.h, self.d_k)
+                q = F.linear(hn, L.w_q_cross).view(n, self.h, self.d_k)
                 o = decode_attention(q, ch.cross_BSGC[i], ch.cross_BSGC[i].shape[1], self.d_k, ch.beam,
-                                     self.scale, None, False, self.use_triton)
-                x.addmm_(o.view(n, -1), L.w_o_cross.t())
-            self._ffn(x, L.ln3, L.w_i, L.w_o_ffn, L.zero_F)
-        return model.logits(model.dec_norm(x))
+                                     self.scale, None, False, self.use_triton, self.tune)
+                hn = self._add(x, o.view(n, -1), L.w_o_cross, L.ln3)
+            hn = self._add(x, self._ffn_hidden(hn, L.w_i, L.zero_F), L.w_o_ffn, after)
+        return model.logits(hn)
 
     def greedy_step(self, ch: Chunk, t: int) -> None:
-        tok = self.logits(ch, t).argmax(-1)
-        ch.hist_TN[t].copy_(tok)
-        ch.tok_N.copy_(tok)
+        argmax_into(self.logits(ch, t), ch.hist_TN[t], ch.tok_N)
 
     def beam_step(self, ch: Chunk, t: int) -> None:
         """Fixed-length beam search: every hypothesis stays alive; the k best continuations survive."""

@@ -1,20 +1,26 @@
-"""Where a decoder step's time goes on a GPU: per-kernel times of one fast step (torch.profiler) and the
-decode-attention kernel alone under several launch configurations. A development tool (notes/bench.md)."""
+"""Where a decoder step's time goes on a GPU: per-kernel times of one greedy step at t = 64 (torch.profiler,
+eager, after the launch and split choices are tuned) for multi-query and multi-head attention at the
+paper's shape, and the choices the tuner made. A development tool (notes/bench.md).
+
+    PYTHONPATH=. python3 scripts/profile_decode_step.py [--no-tune]
+"""
+import json
 import sys
 
 import torch
 
 from mqa_repro import fastdecode
 from mqa_repro.bench import build_model, random_tokens
-from mqa_repro.fastdecode import FastDecoder, decode_attention
+from mqa_repro.fastdecode import FastDecoder
 from mqa_repro.spec import load_spec
 
 spec = load_spec("experiments/wmt14_ende.yaml")
 dev = torch.device("cuda")
-B, S, T = 1024, 128, 128
+B, S, T, AT = 1024, 128, 128, 64
+tune = "--no-tune" not in sys.argv
 
 
-def bench_ms(fn, reps=20):
+def step_ms(fn, reps=10):
     for _ in range(3):
         fn()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -27,45 +33,21 @@ def bench_ms(fn, reps=20):
     return a.elapsed_time(b) / reps
 
 
-# 1. attention kernel alone: achieved GB/s per launch configuration
-for name, g, share in (("mqa-cross", 1, 1), ("mha-cross", 8, 1), ("mqa-cross-beam4", 1, 4)):
-    n = B * share
-    q = torch.randn(n, 8, 128, device=dev, dtype=torch.bfloat16)
-    kv = torch.randn(B, S, g, 256, device=dev, dtype=torch.bfloat16)
-    ref = decode_attention(q, kv, S, 128, share, 128 ** -0.5, None, False, use_triton=False)
-    nbytes = kv.numel() * 2
-    for bt in (32, 64, 128):
-        for w in (4, 8):
-            for st in (1, 2, 3):
-                fastdecode.ATTENTION_CONFIG.update(block_t=bt, num_warps=w, num_stages=st)
-                try:
-                    out = decode_attention(q, kv, S, 128, share, 128 ** -0.5, None, False)
-                    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                    ms = bench_ms(lambda: decode_attention(q, kv, S, 128, share, 128 ** -0.5, None, False))
-                    print(f"{name} block_t={bt} warps={w} stages={st}: {ms*1e3:.1f} us "
-                          f"{nbytes/ms/1e6:.0f} GB/s err {err:.1e}", flush=True)
-                except Exception as e:
-                    print(f"{name} {bt} {w} {st}: {type(e).__name__}", flush=True)
-fastdecode.ATTENTION_CONFIG.update(block_t=64, num_warps=4, num_stages=2)
-if len(sys.argv) > 1:
-    fastdecode.ATTENTION_CONFIG.update(block_t=int(sys.argv[1]), num_warps=int(sys.argv[2]),
-                                       num_stages=int(sys.argv[3]))
-
-# 2. per-kernel time of one greedy step at t = 64
 for vname in ("multi_query", "multi_head"):
     v = spec.variants[vname]
     model = build_model(v, dev, "bf16")
-    fast = FastDecoder(model)
+    fast = FastDecoder(model, tune=tune)
     cross = fast.encode(random_tokens(B, S, v.model.vocab_size, dev))
     ch = fast.new_chunk(cross, B, 1, T)
-    for _ in range(3):
-        fast.greedy_step(ch, 64)
+    for t in (16, 48, 64, 100):   # tune every live-length bucket the profile touches
+        fast.greedy_step(ch, t)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            fast.greedy_step(ch, 64)
+            fast.greedy_step(ch, AT)
         torch.cuda.synchronize()
-    print(vname, "step ms (eager)", bench_ms(lambda: fast.greedy_step(ch, 64), 10))
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(f"{vname}: greedy step at t={AT}, eager: {step_ms(lambda: fast.greedy_step(ch, AT)):.3f} ms", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=70))
     del model, fast, cross, ch
     torch.cuda.empty_cache()
+print(json.dumps(fastdecode.tuning_record(), indent=1))

@@ -71,14 +71,17 @@ def test_bound_and_utilization():
     assert u["mbu"] == pytest.approx(0.3) and u["mfu"] == pytest.approx(0.4)
 
 
-@pytest.mark.parametrize("name", ["multi_head", "multi_query_local", "gqa2"])
-def test_fast_decoder_computes_the_models_decode_step(name):
+@pytest.mark.parametrize("name,split", [("multi_head", 0), ("multi_query_local", 2), ("gqa2", 1),
+                                        ("multi_query", 4)])
+def test_fast_decoder_computes_the_models_decode_step(name, split):
+    """Every way of computing the residual products (addmm_ into the residual, or 1, 2, 4 K-slices summed
+    into it) gives the model's decode_step."""
     v = load_spec(EXPERIMENTS / "tiny.yaml").variants[name]
     from mqa_repro.bench import build_model
 
     model = build_model(v, torch.device("cpu"), "fp32")
     cfg = BenchConfig(batch=2, src_len=6, tgt_len=12, beams=[1, 3], repeats=1, dtype="fp32", device="cpu")
-    r = check_fast_path(v, model, cfg, torch.device("cpu"), beam=3, batch=3)
+    r = check_fast_path(v, model, cfg, torch.device("cpu"), beam=3, batch=3, split=split)
     assert r["logits_rel_err_max"] < 1e-5
     assert r["greedy_token_agreement_with_model"] == 1.0
     assert r["beam3_sentences_equal_reference"] == 1.0
