@@ -151,8 +151,8 @@ if triton is not None:
 ATTENTION_CONFIG = {"block_t": 128, "num_warps": 4, "num_warps_wide": 8, "num_stages": 2}
 # What the tuner tries, (block_t, num_warps, num_stages): the best depends on the device, on how many query
 # rows share a K/V row and on the live length, so each combination is timed once on the device at first use.
-ATTENTION_CANDIDATES = [(32, 4, 3), (32, 2, 4), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 1), (128, 4, 2),
-                        (128, 8, 1), (128, 8, 2)]
+ATTENTION_CANDIDATES = [(16, 4, 4), (32, 2, 4), (32, 4, 3), (32, 4, 4), (32, 8, 3), (64, 4, 2), (64, 4, 3),
+                        (64, 8, 2), (64, 8, 3), (128, 4, 1), (128, 4, 2), (128, 8, 1), (128, 8, 2)]
 SPLIT_CANDIDATES = (0, 1, 2, 4)   # residual products: 0 = addmm_ into the residual, s >= 1 = s K-slices
 
 # Every choice made on this device by timing, with the candidates' times (recorded in decode-bench's JSON).
@@ -165,17 +165,28 @@ def tuning_record() -> dict:
     return {k: dict(v) for k, v in sorted(TUNING.items())}
 
 
-def _time_us(fn, reps: int = 20, warmup: int = 3) -> float:
-    """Median-free mean of ``reps`` back-to-back calls, CUDA events (tuning only; not a reported time)."""
-    for _ in range(warmup):
-        fn()
+def _time_us(fn, reps: int = 20) -> float:
+    """GPU microseconds per call of ``fn``: ``reps`` calls captured in one CUDA graph, replayed three times
+    (tuning only, not a reported time). A graph, because timing eager calls would time the CPU launching
+    them: a decode step's kernels take a few microseconds each."""
+    fn()                       # compile, pick cuBLAS kernels, allocate: outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
-    for _ in range(reps):
-        fn()
+    for _ in range(3):
+        g.replay()
     b.record()
     b.synchronize()
-    return a.elapsed_time(b) * 1e3 / reps
+    del g
+    return a.elapsed_time(b) * 1e3 / (3 * reps)
+
+
+TUNE_MIN_ROWS = 64   # smaller batches keep the fixed choices (their steps are launch-bound either way)
 
 
 def _pick(name: str, candidates: list, make_fn) -> object:
@@ -239,7 +250,7 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
         default = (ATTENTION_CONFIG["block_t"], ATTENTION_CONFIG["num_warps_wide" if r_pad >= 32 else "num_warps"],
                    ATTENTION_CONFIG["num_stages"])
         cfg = default
-        if tune and q_NHK.is_cuda:
+        if tune and q_NHK.is_cuda and n >= TUNE_MIN_ROWS:
             # one choice per shape and live-length bucket, timed at the bucket's longest length
             bucket = max(32, triton.next_power_of_2(L))
             slots = kv_XMGC.shape[0] if time_major else kv_XMGC.shape[1]
@@ -402,6 +413,8 @@ class FastDecoder:
         return {"layer_norm": "Triton, fused with the residual add" if self.fused else "torch",
                 "residual_products": {"split": how, "candidates": "0 = addmm_ into the residual, s = s K-slices "
                                                                   "summed in the layer-norm kernel"},
+                "ffn_relu": ("epilogue or separate, timed per shape" if self.fused and self.tune
+                             else "epilogue" if self._relu_mm and self.device.type == "cuda" else "separate"),
                 "greedy_argmax": "Triton" if self.fused else "torch",
                 "attention_launch": ("timed per shape and live-length bucket" if self.fused and self.tune
                                      else "fixed")}
@@ -432,10 +445,29 @@ class FastDecoder:
     def _ffn(self, x_ND, norm, w_i, w_o, zero_F):
         x_ND.addmm_(self._ffn_hidden(norm(x_ND), w_i, zero_F), w_o.t())
 
-    def _ffn_hidden(self, hn_ND, w_i, zero_F):
-        if self._relu_mm and zero_F is not None and hn_ND.is_cuda:
+    def _ffn_hidden(self, hn_ND, w_i, zero_F, mode: Optional[str] = None):
+        """relu(hn @ w_i^T): ReLU in the product's epilogue ("epilogue") or after it ("separate"); the two
+        get different cuBLAS kernels, so on a GPU the faster is timed once per shape."""
+        if mode is None:
+            mode = self._ffn_mode(hn_ND, w_i, zero_F)
+        if mode == "epilogue":
             return torch._addmm_activation(zero_F, hn_ND, w_i.t())
-        return F.relu(F.linear(hn_ND, w_i))
+        return F.linear(hn_ND, w_i).relu_()
+
+    def _ffn_mode(self, hn_ND, w_i, zero_F) -> str:
+        if not (self._relu_mm and zero_F is not None and hn_ND.is_cuda):
+            return "separate"
+        if not (self.fused and self.tune and hn_ND.shape[0] >= TUNE_MIN_ROWS):
+            return "epilogue"
+        key = ("ffn", hn_ND.shape[0], w_i.shape[1], w_i.shape[0], str(w_i.dtype), torch.cuda.get_device_name(w_i.device))
+        if key not in _SPLIT_TUNED:
+            if torch.cuda.is_current_stream_capturing():
+                return "epilogue"
+            h = torch.randn_like(hn_ND)
+            name = f"ffn hidden rows={key[1]} k={key[2]} n={key[3]} {key[4].replace('torch.', '')}"
+            _SPLIT_TUNED[key] = _pick(name, ["epilogue", "separate"],
+                                      lambda c: (lambda: self._ffn_hidden(h, w_i, zero_F, c)))
+        return _SPLIT_TUNED[key]
 
     def _residual(self, x_ND, a_NK, w, s: int, norm) -> torch.Tensor:
         """x += a @ w^T (``s`` as in SPLIT_CANDIDATES); returns norm(x), the next sublayer's input."""
@@ -447,7 +479,7 @@ class FastDecoder:
     def _split_for(self, x_ND, a_NK, w, norm) -> int:
         if self.split is not None:
             return self.split
-        if not (self.fused and self.tune and w.is_cuda):
+        if not (self.fused and self.tune and w.is_cuda and a_NK.shape[0] >= TUNE_MIN_ROWS):
             return 0
         k = a_NK.shape[1]
         key = (a_NK.shape[0], k, w.shape[0], str(w.dtype), torch.cuda.get_device_name(w.device))
