@@ -165,12 +165,10 @@ def tuning_record() -> dict:
     return {k: dict(v) for k, v in sorted(TUNING.items())}
 
 
-def _time_us(fn, reps: int = 20) -> float:
-    """GPU microseconds per call of ``fn``: ``reps`` calls captured in one CUDA graph, replayed three times
-    (tuning only, not a reported time). A graph, because timing eager calls would time the CPU launching
-    them: a decode step's kernels take a few microseconds each."""
-    fn()                       # compile, pick cuBLAS kernels, allocate: outside the capture
-    torch.cuda.synchronize()
+_FLUSH: dict = {}
+
+
+def _graph_us(fn, reps: int) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(reps):
@@ -184,6 +182,29 @@ def _time_us(fn, reps: int = 20) -> float:
     b.synchronize()
     del g
     return a.elapsed_time(b) * 1e3 / (3 * reps)
+
+
+def _time_us(fn, reps: int = 20) -> float:
+    """GPU microseconds per call of ``fn`` from a cold L2 cache (tuning only, not a reported time).
+
+    ``reps`` calls, each after overwriting a buffer twice the L2 cache, captured in one CUDA graph; minus the
+    same graph without the calls. A graph, because timing eager calls would time the CPU launching them
+    (a decode step's kernels take a few microseconds each); a cold cache, because inside a decode step the
+    caches and weights a kernel reads were not just read by the same kernel.
+    """
+    fn()                       # compile, pick cuBLAS kernels, allocate: outside the capture
+    dev = torch.cuda.current_device()
+    if dev not in _FLUSH:
+        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 * 2**20)
+        _FLUSH[dev] = torch.empty(max(2 * l2, 2**20) // 4, dtype=torch.float32, device="cuda")
+    buf = _FLUSH[dev]
+    torch.cuda.synchronize()
+
+    def flushed():
+        buf.zero_()
+        fn()
+
+    return max(0.0, _graph_us(flushed, reps) - _graph_us(buf.zero_, reps))
 
 
 TUNE_MIN_ROWS = 64   # smaller batches keep the fixed choices (their steps are launch-bound either way)
