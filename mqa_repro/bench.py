@@ -362,16 +362,19 @@ def check_fast_path(variant, model: Transformer, cfg: BenchConfig, device, beam:
 # Peer: Hugging Face transformers' generate on a Marian-architecture config of the same dimensions
 # --------------------------------------------------------------------------------------------------
 def hf_peer(variant, cfg: BenchConfig, device, ours_row_s: Optional[float]) -> dict:
+    m = variant.model
+    if m.kind != "encoder-decoder" or m.n_kv_heads != m.n_heads or m.n_heads * m.d_k != m.d_model:
+        return {"peer": "hf", "skipped": "Marian is multi-head with d_k = d_model / heads; "
+                                         f"{variant.name} is not"}
+    if m.window:
+        return {"peer": "hf", "skipped": f"Marian attends to every earlier position; {variant.name} is local "
+                                         f"(window {m.window})"}
     try:
         import transformers
         from transformers import MarianConfig, MarianMTModel
     except ImportError:
         raise UserError("--peer hf needs Hugging Face transformers, which is not installed here "
                         "(pip install transformers)") from None
-    m = variant.model
-    if m.kind != "encoder-decoder" or m.n_kv_heads != m.n_heads or m.n_heads * m.d_k != m.d_model:
-        return {"peer": "hf", "skipped": "Marian is multi-head with d_k = d_model / heads; "
-                                         f"{variant.name} is not"}
     conf = MarianConfig(
         vocab_size=m.padded_vocab, d_model=m.d_model, encoder_layers=m.encoder_layers,
         decoder_layers=m.decoder_layers, encoder_attention_heads=m.n_heads, decoder_attention_heads=m.n_heads,

@@ -11,7 +11,12 @@ same weights, laid out for speed:
   sentence) against that head's K/V, reading only the live positions;
 * beam search does not move the cache: a [slots, N] int32 ancestor table says which physical row holds
   each position of each hypothesis; a step updates the table (ints) and the kernel follows it;
-* residual additions are fused into the output projections (``addmm_``), ReLU into the FFN product;
+* every residual sublayer ends in one Triton kernel that adds the sublayer's output (``addmm_`` into the
+  residual, or 1, 2 or 4 split-K partial products summed in fp32) and applies the next layer norm; ReLU
+  runs in the FFN product's epilogue or after it; greedy's argmax is one Triton kernel;
+* on CUDA, which of those variants runs, and the attention kernel's launch (block, warps, stages per shape
+  and live-length bucket), are chosen by timing them on the device at first use (from a cold L2, as CUDA
+  graphs); the choices and their times are in :func:`tuning_record`;
 * on CUDA one graph is captured per step position (the live length is static inside each graph, so no
   mask is needed), optionally with the batch split over streams so memory-bound attention of one half
   overlaps matrix products of the other; on the CPU the same code runs eagerly with a torch attention.

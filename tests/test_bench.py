@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -141,3 +142,18 @@ def test_peer_hf_without_transformers_says_so(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mqa_repro", "decode-bench", str(EXPERIMENTS / "tiny.yaml"),
                         "--device", "cpu", "--peer", "hf"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "transformers" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_peer_hf_compares_only_what_marian_can_be():
+    """The peer is a full-attention multi-head Marian model: multi-query and local rows are skipped, saying
+    why, before transformers is even needed."""
+    from mqa_repro.bench import hf_peer
+
+    spec = load_spec(EXPERIMENTS / "tiny.yaml")
+    cfg = BenchConfig(batch=2, src_len=6, tgt_len=5, beams=[1], repeats=1, dtype="fp32", device="cpu")
+    mq = hf_peer(spec.variants["multi_query"], cfg, torch.device("cpu"), None)
+    mh = spec.variants["multi_head"]
+    local = hf_peer(replace(mh, name="multi_head_local", model=replace(mh.model, window=8)), cfg,
+                    torch.device("cpu"), None)
+    assert "multi-head" in mq["skipped"] and "multi_query is not" in mq["skipped"]
+    assert "local" in local["skipped"] and "window" in local["skipped"]
