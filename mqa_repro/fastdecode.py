@@ -291,6 +291,7 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
                     length = min(bucket, slots)
                     cands = [x for x in ATTENTION_CANDIDATES if x[0] <= max(32, bucket)]
                     name = (f"attention rows={n} heads={h} kv_heads={g} share={share} "
+                            f"{'time-major' if time_major else 'row-major'} "
                             f"{'ancestors' if anc_SN is not None else 'direct'} live<={bucket} slots={slots} "
                             f"{str(q_NHK.dtype).replace('torch.', '')}")
                     cfg = _ATTN_TUNED[key] = _pick(name, cands, lambda x: (lambda: launch(x, length, scratch)))
