@@ -486,7 +486,8 @@ class FastDecoder:
             return "separate"
         if not (self.fused and self.tune and hn_ND.shape[0] >= TUNE_MIN_ROWS):
             return "epilogue"
-        key = ("ffn", hn_ND.shape[0], w_i.shape[1], w_i.shape[0], str(w_i.dtype), torch.cuda.get_device_name(w_i.device))
+        key = ("ffn", hn_ND.shape[0], w_i.shape[1], w_i.shape[0], str(w_i.dtype),
+               torch.cuda.get_device_name(w_i.device))
         if key not in _SPLIT_TUNED:
             if torch.cuda.is_current_stream_capturing():
                 return "epilogue"

@@ -24,7 +24,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 @pytest.mark.parametrize("s", [1, 2, 4])
 def test_split_k_parts_sum_to_the_product(s):
     g = torch.Generator().manual_seed(0)
-    a, w = torch.randn(5, 32, generator=g, dtype=torch.float64), torch.randn(7, 32, generator=g, dtype=torch.float64)
+    a = torch.randn(5, 32, generator=g, dtype=torch.float64)
+    w = torch.randn(7, 32, generator=g, dtype=torch.float64)
     parts = fd.project_parts(a, w, s)
     assert parts.shape == (s, 5, 7)
     torch.testing.assert_close(parts.sum(0), a @ w.t())
