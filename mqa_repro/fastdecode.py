@@ -414,6 +414,7 @@ class FastDecoder:
         self.c = m.d_k + m.d_v
         self.scale = m.d_k ** -0.5
         self.device, self.dtype = model.embed.weight.device, model.embed.weight.dtype
+        self._device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         try:  # ReLU in the matrix product's epilogue (cuBLASLt) where available
             torch._addmm_activation(torch.zeros(2), torch.ones(1, 2), torch.ones(2, 2))
             self._relu_mm = True
@@ -486,8 +487,7 @@ class FastDecoder:
             return "separate"
         if not (self.fused and self.tune and hn_ND.shape[0] >= TUNE_MIN_ROWS):
             return "epilogue"
-        key = ("ffn", hn_ND.shape[0], w_i.shape[1], w_i.shape[0], str(w_i.dtype),
-               torch.cuda.get_device_name(w_i.device))
+        key = ("ffn", hn_ND.shape[0], w_i.shape[1], w_i.shape[0], str(w_i.dtype), self._device_name)
         if key not in _SPLIT_TUNED:
             if torch.cuda.is_current_stream_capturing():
                 return "epilogue"
@@ -510,7 +510,7 @@ class FastDecoder:
         if not (self.fused and self.tune and w.is_cuda and a_NK.shape[0] >= TUNE_MIN_ROWS):
             return 0
         k = a_NK.shape[1]
-        key = (a_NK.shape[0], k, w.shape[0], str(w.dtype), torch.cuda.get_device_name(w.device))
+        key = (a_NK.shape[0], k, w.shape[0], str(w.dtype), self._device_name)
         if key not in _SPLIT_TUNED:
             if torch.cuda.is_current_stream_capturing():
                 return 0
