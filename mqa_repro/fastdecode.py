@@ -162,8 +162,17 @@ SPLIT_CANDIDATES = (0, 1, 2, 4)   # residual products: 0 = addmm_ into the resid
 
 # Every choice made on this device by timing, with the candidates' times (recorded in decode-bench's JSON).
 TUNING: dict = {}
-_ATTN_TUNED: dict = {}
-_SPLIT_TUNED: dict = {}
+_CHOSEN: dict = {}   # (what, shape..., device) -> the choice
+
+
+def _chosen(key: tuple, default, tune):
+    """The choice stored under ``key``; else ``tune()``'s, stored. Never tuned inside a graph capture (the
+    warm-up before capture tunes first): there the ``default`` is used."""
+    if key not in _CHOSEN:
+        if torch.cuda.is_current_stream_capturing():
+            return default
+        _CHOSEN[key] = tune()
+    return _CHOSEN[key]
 
 
 def tuning_record() -> dict:
@@ -280,21 +289,20 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
             # one choice per shape and live-length bucket, timed at the bucket's longest length
             bucket = max(32, triton.next_power_of_2(L))
             slots = kv_XMGC.shape[0] if time_major else kv_XMGC.shape[1]
-            key = (n, h, g, c, share, anc_SN is not None, time_major, str(q_NHK.dtype), bucket, slots,
-                   torch.cuda.get_device_name(q_NHK.device))
-            cfg = _ATTN_TUNED.get(key)
-            if cfg is None:
-                if torch.cuda.is_current_stream_capturing():
-                    cfg = default   # never tuned inside a graph capture (the warm-up tunes first)
-                else:
-                    scratch = torch.empty_like(out)
-                    length = min(bucket, slots)
-                    cands = [x for x in ATTENTION_CANDIDATES if x[0] <= max(32, bucket)]
-                    name = (f"attention rows={n} heads={h} kv_heads={g} share={share} "
-                            f"{'time-major' if time_major else 'row-major'} "
-                            f"{'ancestors' if anc_SN is not None else 'direct'} live<={bucket} slots={slots} "
-                            f"{str(q_NHK.dtype).replace('torch.', '')}")
-                    cfg = _ATTN_TUNED[key] = _pick(name, cands, lambda x: (lambda: launch(x, length, scratch)))
+            key = ("attention", n, h, g, c, share, anc_SN is not None, time_major, str(q_NHK.dtype), bucket,
+                   slots, torch.cuda.get_device_name(q_NHK.device))
+
+            def tune_launch():
+                scratch = torch.empty_like(out)
+                length = min(bucket, slots)
+                cands = [x for x in ATTENTION_CANDIDATES if x[0] <= max(32, bucket)]
+                name = (f"attention rows={n} heads={h} kv_heads={g} share={share} "
+                        f"{'time-major' if time_major else 'row-major'} "
+                        f"{'ancestors' if anc_SN is not None else 'direct'} live<={bucket} slots={slots} "
+                        f"{str(q_NHK.dtype).replace('torch.', '')}")
+                return _pick(name, cands, lambda x: (lambda: launch(x, length, scratch)))
+
+            cfg = _chosen(key, default, tune_launch)
         launch(cfg)
         return out
     # torch: the same arithmetic (the CPU path and the reference for the kernel)
@@ -488,14 +496,13 @@ class FastDecoder:
         if not (self.fused and self.tune and hn_ND.shape[0] >= TUNE_MIN_ROWS):
             return "epilogue"
         key = ("ffn", hn_ND.shape[0], w_i.shape[1], w_i.shape[0], str(w_i.dtype), self._device_name)
-        if key not in _SPLIT_TUNED:
-            if torch.cuda.is_current_stream_capturing():
-                return "epilogue"
+
+        def tune():
             h = torch.randn_like(hn_ND)
             name = f"ffn hidden rows={key[1]} k={key[2]} n={key[3]} {key[4].replace('torch.', '')}"
-            _SPLIT_TUNED[key] = _pick(name, ["epilogue", "separate"],
-                                      lambda c: (lambda: self._ffn_hidden(h, w_i, zero_F, c)))
-        return _SPLIT_TUNED[key]
+            return _pick(name, ["epilogue", "separate"], lambda c: (lambda: self._ffn_hidden(h, w_i, zero_F, c)))
+
+        return _chosen(key, "epilogue", tune)
 
     def _residual(self, x_ND, a_NK, w, s: int, norm) -> torch.Tensor:
         """x += a @ w^T (``s`` as in SPLIT_CANDIDATES); returns norm(x), the next sublayer's input."""
@@ -510,15 +517,15 @@ class FastDecoder:
         if not (self.fused and self.tune and w.is_cuda and a_NK.shape[0] >= TUNE_MIN_ROWS):
             return 0
         k = a_NK.shape[1]
-        key = (a_NK.shape[0], k, w.shape[0], str(w.dtype), self._device_name)
-        if key not in _SPLIT_TUNED:
-            if torch.cuda.is_current_stream_capturing():
-                return 0
+        key = ("residual", a_NK.shape[0], k, w.shape[0], str(w.dtype), self._device_name)
+
+        def tune():
             xs, a = x_ND.clone(), torch.randn_like(a_NK) * 0.02
             cands = [c for c in SPLIT_CANDIDATES if c == 0 or (k % c == 0 and (k // c) % 16 == 0)]
-            name = f"residual product rows={key[0]} k={k} n={key[2]} {key[3].replace('torch.', '')}"
-            _SPLIT_TUNED[key] = _pick(name, cands, lambda c: (lambda: self._residual(xs, a, w, c, norm)))
-        return _SPLIT_TUNED[key]
+            name = f"residual product rows={key[1]} k={k} n={key[3]} {key[4].replace('torch.', '')}"
+            return _pick(name, cands, lambda c: (lambda: self._residual(xs, a, w, c, norm)))
+
+        return _chosen(key, 0, tune)
 
     def _add(self, x_ND, a_NK, w, norm) -> torch.Tensor:
         return self._residual(x_ND, a_NK, w, self._split_for(x_ND, a_NK, w, norm), norm)
