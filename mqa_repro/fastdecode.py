@@ -5,18 +5,22 @@ same weights, laid out for speed:
 
 * the self-attention cache is time-major, ``cache_TNGC`` with C = d_k + d_v (K then V of one head side
   by side), so the live prefix of every row is one contiguous slab and a step writes one ``[N, G, C]``
-  slice; the query/key/value projections are one matrix product whose K/V part lands in that layout;
+  slice; the query/key/value projections are one matrix product whose K/V part is copied into that
+  slice, or two products, the K/V one writing into the slice directly;
+* the decoder's input (embedding, scale, position) and the first layer norm are one Triton kernel;
 * attention never repeats K/V: a Triton kernel gives one program per (K/V row, K/V head) and batches the
   H/G query heads of the group (and, for encoder-decoder attention under beam search, the beams of one
-  sentence) against that head's K/V, reading only the live positions;
+  sentence) against that head's K/V, reading only the live positions; optionally the positions are
+  split over 2 or 4 programs whose partial results a second kernel combines (flash-decoding);
 * beam search does not move the cache: a [slots, N] int32 ancestor table says which physical row holds
   each position of each hypothesis; a step updates the table (ints) and the kernel follows it;
 * every residual sublayer ends in one Triton kernel that adds the sublayer's output (``addmm_`` into the
   residual, or 1, 2 or 4 split-K partial products summed in fp32) and applies the next layer norm; ReLU
   runs in the FFN product's epilogue or after it; greedy's argmax is one Triton kernel;
-* on CUDA, which of those variants runs, and the attention kernel's launch (block, warps, stages per shape
-  and live-length bucket), are chosen by timing them on the device at first use (from a cold L2, as CUDA
-  graphs); the choices and their times are in :func:`tuning_record`;
+* on CUDA, which of those variants runs, and the attention and argmax kernels' launches (for attention
+  block, warps, stages and split per shape and live-length bucket), are chosen by timing them on the
+  device at first use (from a cold L2, as CUDA graphs); the choices and their times are in
+  :func:`tuning_record`;
 * on CUDA one graph is captured per step position (the live length is static inside each graph, so no
   mask is needed), optionally with the batch split over streams so memory-bound attention of one half
   overlaps matrix products of the other; on the CPU the same code runs eagerly with a torch attention.
@@ -56,19 +60,25 @@ def _triton_here(t: torch.Tensor) -> bool:
 # Decode attention
 # --------------------------------------------------------------------------------------------------
 if triton is not None:
-    @triton.jit(do_not_specialize=["L"])
+    @triton.jit(do_not_specialize=["L", "CHUNK"])
     def _decode_attention_kernel(
-        q_ptr, kv_ptr, out_ptr, anc_ptr, L, scale,
+        q_ptr, kv_ptr, out_ptr, anc_ptr, part_ptr, L, CHUNK, scale,
         stride_qn, stride_qh,                 # q [N, H, K], unit stride on K
         stride_kvt, stride_kvm, stride_kvg,   # kv [.., M, G, C] indexed by position t, row m, head g
         stride_on, stride_oh,                 # out [N, H, V]
         stride_at,                            # ancestors [slots, N] int32 (INDIRECT only)
-        QH: tl.constexpr, SHARE: tl.constexpr, R_PAD: tl.constexpr,
-        DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr,
+        stride_ps,                            # partials [SPLIT, N, H, V + 2] fp32 (SPLIT > 1 only)
+        QH: tl.constexpr, SHARE: tl.constexpr, R_PAD: tl.constexpr, H: tl.constexpr,
+        DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT: tl.constexpr,
         INDIRECT: tl.constexpr, IEEE: tl.constexpr,
     ):
+        """Program (m, g, s): the query rows sharing K/V row m against K/V head g over positions
+        [s * CHUNK, (s + 1) * CHUNK) of the live L. SPLIT == 1 writes the output; else the unnormalised
+        output with its running max and sum go to the partials, for _attention_combine_kernel."""
         m = tl.program_id(0)
         g = tl.program_id(1)
+        lo = tl.program_id(2) * CHUNK
+        hi = tl.minimum(L, lo + CHUNK)
         r = tl.arange(0, R_PAD)
         r_ok = r < SHARE * QH
         n_r = m * SHARE + r // QH           # query row of each tile row
@@ -80,9 +90,9 @@ if triton is not None:
         m_i = tl.full([R_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([R_PAD], tl.float32)
         acc = tl.zeros([R_PAD, DV], tl.float32)
-        for t0 in range(0, L, BLOCK_T):
+        for t0 in range(lo, hi, BLOCK_T):   # the first block of a non-empty range holds a live position
             t = t0 + tl.arange(0, BLOCK_T)
-            t_ok = t < L
+            t_ok = t < hi
             if INDIRECT:
                 row = tl.load(anc_ptr + t * stride_at + m, mask=t_ok, other=0).to(tl.int64)
             else:
@@ -104,10 +114,40 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + n_r[:, None] * stride_on + h_r[:, None] * stride_oh + dv[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+        if SPLIT == 1:
+            out = acc / l_i[:, None]
+            tl.store(out_ptr + n_r[:, None] * stride_on + h_r[:, None] * stride_oh + dv[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+        else:   # an empty range leaves max -inf, sum 0, output 0: the combine gives it weight 0
+            part = part_ptr + tl.program_id(2).to(tl.int64) * stride_ps + (n_r.to(tl.int64) * H + h_r) * (DV + 2)
+            tl.store(part[:, None] + dv[None, :], acc, mask=r_ok[:, None])
+            tl.store(part + DV, m_i, mask=r_ok)
+            tl.store(part + DV + 1, l_i, mask=r_ok)
 
+    @triton.jit
+    def _attention_combine_kernel(part_ptr, out_ptr, stride_ps, stride_on, stride_oh,
+                                  H: tl.constexpr, DV: tl.constexpr, SPLIT: tl.constexpr):
+        """out[n, h] from the SPLIT partial results of query row n, head h (one program each)."""
+        pid = tl.program_id(0).to(tl.int64)
+        s = tl.arange(0, SPLIT)
+        dv = tl.arange(0, DV)
+        part = part_ptr + s * stride_ps + pid * (DV + 2)
+        m_s = tl.load(part + DV)
+        l_s = tl.load(part + DV + 1)
+        w = tl.exp(m_s - tl.max(m_s, 0))       # at least one split is non-empty, so the max is finite
+        acc = tl.load(part[:, None] + dv[None, :])
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
+        tl.store(out_ptr + (pid // H) * stride_on + (pid % H) * stride_oh + dv, out.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _layernorm_row(x, ok, d, D, eps, w_ptr, b_ptr):
+        """LayerNorm of one fp32 row ``x`` (lanes past D masked by ``ok``), in fp32."""
+        mean = tl.sum(x, 0) / D
+        xc = tl.where(ok, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, 0) / D + eps)
+        w = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + d, mask=ok, other=0.0).to(tl.float32)
+        return xc * rstd * w + b
 
     @triton.jit
     def _add_layernorm_kernel(x_ptr, p_ptr, w_ptr, b_ptr, h_ptr, D, eps,
@@ -125,12 +165,24 @@ if triton is not None:
             xr = x.to(x_ptr.dtype.element_ty)
             tl.store(x_ptr + row * stride_x + d, xr, mask=ok)
             x = xr.to(tl.float32)
-        mean = tl.sum(x, 0) / D
-        xc = tl.where(ok, x - mean, 0.0)
-        rstd = tl.rsqrt(tl.sum(xc * xc, 0) / D + eps)
-        w = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + d, mask=ok, other=0.0).to(tl.float32)
-        tl.store(h_ptr + row * stride_h + d, (xc * rstd * w + b).to(h_ptr.dtype.element_ty), mask=ok)
+        h = _layernorm_row(x, ok, d, D, eps, w_ptr, b_ptr)
+        tl.store(h_ptr + row * stride_h + d, h.to(h_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _embed_layernorm_kernel(tok_ptr, e_ptr, pos_ptr, w_ptr, b_ptr, x_ptr, h_ptr, scale, D, eps,
+                                stride_e, stride_x, stride_h, BLOCK_D: tl.constexpr):
+        """x[row] = pos + scale * e[tok[row]] (rounded once, like torch.add with alpha); h[row] =
+        LayerNorm(x[row]) in fp32. One program per row."""
+        row = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        ok = d < D
+        tok = tl.load(tok_ptr + row).to(tl.int64)
+        e = tl.load(e_ptr + tok * stride_e + d, mask=ok, other=0.0).to(tl.float32)
+        p = tl.load(pos_ptr + d, mask=ok, other=0.0).to(tl.float32)
+        xr = (p + scale * e).to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + row * stride_x + d, xr, mask=ok)
+        h = _layernorm_row(xr.to(tl.float32), ok, d, D, eps, w_ptr, b_ptr)
+        tl.store(h_ptr + row * stride_h + d, h.to(h_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _argmax_kernel(x_ptr, o1_ptr, o2_ptr, V, stride_x, BLOCK: tl.constexpr):
@@ -154,10 +206,15 @@ if triton is not None:
 # Launch configuration of the decode-attention kernel when it is not tuned (notes/bench.md, an H100): one
 # block of 128 positions, 8 warps once 32 or more query rows share a K/V row (beam 4 x 8 heads of MQA).
 ATTENTION_CONFIG = {"block_t": 128, "num_warps": 4, "num_warps_wide": 8, "num_stages": 2}
-# What the tuner tries, (block_t, num_warps, num_stages): the best depends on the device, on how many query
-# rows share a K/V row and on the live length, so each combination is timed once on the device at first use.
-ATTENTION_CANDIDATES = [(16, 4, 4), (32, 2, 4), (32, 4, 3), (32, 4, 4), (32, 8, 3), (64, 4, 2), (64, 4, 3),
-                        (64, 8, 2), (64, 8, 3), (128, 4, 1), (128, 4, 2), (128, 8, 1), (128, 8, 2)]
+# What the tuner tries, (block_t, num_warps, num_stages, split): the best depends on the device, on how many
+# query rows share a K/V row and on the live length, so each combination is timed once on the device at
+# first use. split > 1 divides the live positions among that many programs per (row, head) and combines
+# their partial results in a second kernel (more loads in flight where one program per row is too few).
+ATTENTION_CANDIDATES = ([(16, 4, 4, 1), (32, 2, 4, 1), (32, 4, 3, 1), (32, 4, 4, 1), (32, 8, 3, 1), (64, 4, 2, 1),
+                         (64, 4, 3, 1), (64, 8, 2, 1), (64, 8, 3, 1), (128, 4, 1, 1), (128, 4, 2, 1), (128, 8, 1, 1),
+                         (128, 8, 2, 1)]
+                        + [(b, w, st, s) for s in (2, 4) for b, w, st in ((16, 4, 4), (32, 2, 4), (32, 4, 3),
+                                                                           (64, 4, 2))])
 SPLIT_CANDIDATES = (0, 1, 2, 4)   # residual products: 0 = addmm_ into the residual, s >= 1 = s K-slices
 
 # Every choice made on this device by timing, with the candidates' times (recorded in decode-bench's JSON).
@@ -242,6 +299,10 @@ def _pick(name: str, candidates: list, make_fn) -> object:
     return best
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
@@ -251,11 +312,13 @@ def triton_ok(q_NHK: torch.Tensor, d_k: int, d_v: int) -> bool:
 
 
 def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float, anc_SN=None,
-                     time_major: bool = True, use_triton: bool = True, tune: bool = True):
+                     time_major: bool = True, use_triton: bool = True, tune: bool = True,
+                     config: Optional[tuple] = None):
     """softmax(q k^T * scale) v over the first ``L`` positions; one K/V row serves ``share`` query rows.
 
     q_NHK: [N, H, d_k]; kv_XMGC: the cache, [slots, M, G, C] (time-major) or [M, S, G, C]; N = M * share.
     anc_SN (self-attention under beam search): anc_SN[t, n] is the physical row holding position t of row n.
+    ``config`` forces the kernel's launch (block_t, num_warps, num_stages, split) instead of the tuned one.
     Returns out_NHV [N, H, d_v].
     """
     n, h, _ = q_NHK.shape
@@ -273,19 +336,27 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
         anc = anc_SN if anc_SN is not None else q_NHK  # unused pointer when not indirect
 
         def launch(cfg, length=L, o=out):
-            block_t, warps, stages = cfg
-            _decode_attention_kernel[(m_rows, g)](
-                q_NHK, kv_XMGC, o, anc, length, scale,
+            block_t, warps, stages, split = cfg
+            # each split gets whole blocks; with few live positions the last splits may get none
+            chunk = _ceil_div(_ceil_div(length, split), block_t) * block_t
+            part = (torch.empty(split, n, h, d_v + 2, device=o.device, dtype=torch.float32) if split > 1
+                    else o)
+            _decode_attention_kernel[(m_rows, g, split)](
+                q_NHK, kv_XMGC, o, anc, part, length, chunk, scale,
                 q_NHK.stride(0), q_NHK.stride(1), st, sm, kv_XMGC.stride(2),
                 o.stride(0), o.stride(1), anc_SN.stride(0) if anc_SN is not None else 0,
-                QH=qh, SHARE=share, R_PAD=r_pad, DK=d_k, DV=d_v, BLOCK_T=block_t,
+                part.stride(0) if split > 1 else 0,
+                QH=qh, SHARE=share, R_PAD=r_pad, H=h, DK=d_k, DV=d_v, BLOCK_T=block_t, SPLIT=split,
                 INDIRECT=anc_SN is not None, IEEE=q_NHK.dtype == torch.float32,
                 num_warps=warps, num_stages=stages)
+            if split > 1:
+                _attention_combine_kernel[(n * h,)](part, o, part.stride(0), o.stride(0), o.stride(1),
+                                                    H=h, DV=d_v, SPLIT=split, num_warps=2)
 
         default = (ATTENTION_CONFIG["block_t"], ATTENTION_CONFIG["num_warps_wide" if r_pad >= 32 else "num_warps"],
-                   ATTENTION_CONFIG["num_stages"])
-        cfg = default
-        if tune and q_NHK.is_cuda and n >= TUNE_MIN_ROWS:
+                   ATTENTION_CONFIG["num_stages"], 1)
+        cfg = config or default
+        if config is None and tune and q_NHK.is_cuda and n >= TUNE_MIN_ROWS:
             # one choice per shape and live-length bucket, timed at the bucket's longest length
             bucket = max(32, triton.next_power_of_2(L))
             slots = kv_XMGC.shape[0] if time_major else kv_XMGC.shape[1]
@@ -295,7 +366,7 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
             def tune_launch():
                 scratch = torch.empty_like(out)
                 length = min(bucket, slots)
-                cands = [x for x in ATTENTION_CANDIDATES if x[0] <= max(32, bucket)]
+                cands = [x for x in ATTENTION_CANDIDATES if x[0] * x[3] <= max(32, length)]
                 name = (f"attention rows={n} heads={h} kv_heads={g} share={share} "
                         f"{'time-major' if time_major else 'row-major'} "
                         f"{'ancestors' if anc_SN is not None else 'direct'} live<={bucket} slots={slots} "
@@ -349,12 +420,49 @@ def add_layernorm(x_MD: torch.Tensor, parts_SMD: Optional[torch.Tensor], norm: t
     return norm(x_MD)
 
 
-def argmax_into(logits_NV: torch.Tensor, *outs: torch.Tensor) -> None:
-    """Each row's argmax (first index of the maximum) written into every tensor of ``outs`` ([N] int64)."""
+def embed_layernorm(tok_N: torch.Tensor, emb_VD: torch.Tensor, pos_D: torch.Tensor, scale: float,
+                    norm: torch.nn.LayerNorm) -> tuple:
+    """x = pos + scale * emb[tok] (the decoder's input at one position) and norm(x). One kernel on CUDA."""
+    if _triton_here(emb_VD) and norm.bias is not None and emb_VD.stride(1) == 1 and pos_D.stride(0) == 1:
+        n, d = tok_N.shape[0], emb_VD.shape[1]
+        x = torch.empty(n, d, device=emb_VD.device, dtype=emb_VD.dtype)
+        h = torch.empty_like(x)
+        _embed_layernorm_kernel[(n,)](tok_N, emb_VD, pos_D, norm.weight, norm.bias, x, h, scale, d, norm.eps,
+                                      emb_VD.stride(0), x.stride(0), h.stride(0),
+                                      BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 2048 else 8)
+        return x, h
+    x = torch.add(pos_D, F.embedding(tok_N, emb_VD), alpha=scale)
+    return x, norm(x)
+
+
+# (BLOCK, num_warps) of the argmax kernel: the default, and what the tuner tries
+ARGMAX_CONFIG = (4096, 8)
+ARGMAX_CANDIDATES = [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]
+
+
+def argmax_into(logits_NV: torch.Tensor, *outs: torch.Tensor, tune: bool = False,
+                config: Optional[tuple] = None) -> None:
+    """Each row's argmax (first index of the maximum) written into every tensor of ``outs`` ([N] int64).
+    ``tune``: on CUDA the kernel's (block, warps) is chosen by timing once per shape; ``config`` forces it."""
     if _triton_here(logits_NV) and logits_NV.stride(1) == 1 and len(outs) == 2:
         n, v = logits_NV.shape
-        _argmax_kernel[(n,)](logits_NV, outs[0], outs[1], v, logits_NV.stride(0),
-                             BLOCK=min(4096, triton.next_power_of_2(v)), num_warps=8)
+
+        def launch(cfg, o1=outs[0], o2=outs[1]):
+            block, warps = cfg
+            _argmax_kernel[(n,)](logits_NV, o1, o2, v, logits_NV.stride(0),
+                                 BLOCK=min(block, triton.next_power_of_2(v)), num_warps=warps)
+
+        cfg = config or ARGMAX_CONFIG
+        if config is None and tune and logits_NV.is_cuda and n >= TUNE_MIN_ROWS:
+            key = ("argmax", n, v, str(logits_NV.dtype), torch.cuda.get_device_name(logits_NV.device))
+
+            def tune_launch():
+                o = torch.empty_like(outs[0])
+                name = f"argmax rows={n} vocab={v} {str(logits_NV.dtype).replace('torch.', '')}"
+                return _pick(name, ARGMAX_CANDIDATES, lambda c: (lambda: launch(c, o, o)))
+
+            cfg = _chosen(key, ARGMAX_CONFIG, tune_launch)
+        launch(cfg)
         return
     tok = logits_NV.argmax(-1)
     for o in outs:
@@ -451,9 +559,13 @@ class FastDecoder:
                                                                   "summed in the layer-norm kernel"},
                 "ffn_relu": ("epilogue or separate, timed per shape" if self.fused and self.tune
                              else "epilogue" if self._relu_mm and self.device.type == "cuda" else "separate"),
-                "greedy_argmax": "Triton" if self.fused else "torch",
-                "attention_launch": ("timed per shape and live-length bucket" if self.fused and self.tune
-                                     else "fixed")}
+                "qkv_products": ("one product + K/V copy, or queries and K/V apart (K/V straight into the "
+                                 "cache), timed per shape" if self.fused and self.tune else "one product + K/V copy"),
+                "embedding": "Triton, fused with the first layer norm" if self.fused else "torch",
+                "greedy_argmax": ("Triton, launch timed per shape" if self.fused and self.tune
+                                  else "Triton" if self.fused else "torch"),
+                "attention_launch": ("timed per shape and live-length bucket (block, warps, stages, "
+                                     "split of the positions)" if self.fused and self.tune else "fixed")}
 
     # -- encoder -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -503,6 +615,33 @@ class FastDecoder:
             return _pick(name, ["epilogue", "separate"], lambda c: (lambda: self._ffn_hidden(h, w_i, zero_F, c)))
 
         return _chosen(key, "epilogue", tune)
+
+    def _qkv(self, hn_ND, w_qkv, slot_NGC, mode: Optional[str] = None) -> torch.Tensor:
+        """The queries [N, H*K]; this position's K/V land in the cache slot ``slot_NGC``. "fused": one product
+        for all three, its K/V part then copied into the slot; "apart": a product for the queries and one
+        writing K/V straight into the slot. Which is faster depends on the shape, so on a GPU it is timed."""
+        hk = self.h * self.d_k
+        if mode is None:
+            mode = self._qkv_mode(hn_ND, w_qkv, slot_NGC)
+        if mode == "apart":
+            torch.mm(hn_ND, w_qkv[hk:].t(), out=slot_NGC.view(slot_NGC.shape[0], -1))
+            return F.linear(hn_ND, w_qkv[:hk])
+        qkv = F.linear(hn_ND, w_qkv)                                                     # [N, H*K + G*C]
+        slot_NGC.copy_(qkv[:, hk:].view_as(slot_NGC))
+        return qkv[:, :hk]
+
+    def _qkv_mode(self, hn_ND, w_qkv, slot_NGC) -> str:
+        if not (self.fused and self.tune and hn_ND.is_cuda and hn_ND.shape[0] >= TUNE_MIN_ROWS):
+            return "fused"
+        key = ("qkv", hn_ND.shape[0], w_qkv.shape[1], w_qkv.shape[0], str(w_qkv.dtype), self._device_name)
+
+        def tune():
+            h, slot = torch.randn_like(hn_ND), torch.empty_like(slot_NGC)
+            name = (f"qkv product rows={key[1]} k={key[2]} n={key[3]} (K/V {slot[0].numel()}) "
+                    f"{key[4].replace('torch.', '')}")
+            return _pick(name, ["fused", "apart"], lambda c: (lambda: self._qkv(h, w_qkv, slot, c)))
+
+        return _chosen(key, "fused", tune)
 
     def _residual(self, x_ND, a_NK, w, s: int, norm) -> torch.Tensor:
         """x += a @ w^T (``s`` as in SPLIT_CANDIDATES); returns norm(x), the next sublayer's input."""
@@ -562,14 +701,16 @@ class FastDecoder:
         n = ch.rows
         slots = ch.cache_LTNGC[0].shape[0]
         slot, live = t % slots, min(t + 1, slots)
-        hk = self.h * self.d_k
-        x = torch.add(model.tgt_pos.weight[t], model.embed(ch.tok_N), alpha=model.emb_scale)  # [N, D]
-        hn = add_layernorm(x, None, self.layers[0].ln1) if self.fused else self.layers[0].ln1(x)
+        if self.fused:   # [N, D] each
+            x, hn = embed_layernorm(ch.tok_N, model.embed.weight, model.tgt_pos.weight[t], model.emb_scale,
+                                    self.layers[0].ln1)
+        else:
+            x = torch.add(model.tgt_pos.weight[t], model.embed(ch.tok_N), alpha=model.emb_scale)
+            hn = self.layers[0].ln1(x)
         for i, L in enumerate(self.layers):
             after = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else model.dec_norm
-            qkv = F.linear(hn, L.w_qkv)                                                  # [N, H*K + G*C]
-            ch.cache_LTNGC[i][slot].copy_(qkv[:, hk:].view(n, self.g, self.c))
-            o = decode_attention(qkv[:, :hk].view(n, self.h, self.d_k), ch.cache_LTNGC[i], live, self.d_k,
+            q = self._qkv(hn, L.w_qkv, ch.cache_LTNGC[i][slot])                         # [N, H*K]
+            o = decode_attention(q.view(n, self.h, self.d_k), ch.cache_LTNGC[i], live, self.d_k,
                                  1, self.scale, anc_SN, True, self.use_triton, self.tune)
             hn = self._add(x, o.view(n, -1), L.w_o, L.ln2 if L.ln2 is not None else L.ln3)
             if L.ln2 is not None:
@@ -581,7 +722,7 @@ class FastDecoder:
         return model.logits(hn)
 
     def greedy_step(self, ch: Chunk, t: int) -> None:
-        argmax_into(self.logits(ch, t), ch.hist_TN[t], ch.tok_N)
+        argmax_into(self.logits(ch, t), ch.hist_TN[t], ch.tok_N, tune=self.fused and self.tune)
 
     def beam_step(self, ch: Chunk, t: int) -> None:
         """Fixed-length beam search: every hypothesis stays alive; the k best continuations survive."""

@@ -1,5 +1,5 @@
-"""The decoder's Triton kernels against torch: fused residual-add + layer norm, argmax, decode attention with
-tuned launches, and the fast decoder built on them. They run on a GPU, or on the CPU under Triton's
+"""The decoder's Triton kernels against torch: fused residual-add + layer norm, embedding + layer norm,
+argmax, decode attention with tuned launches and split positions, and the fast decoder built on them. They run on a GPU, or on the CPU under Triton's
 interpreter (``TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py``, fp32 only); without either they
 are skipped. The split-K products are plain torch and are checked everywhere."""
 import os
@@ -91,6 +91,74 @@ def test_decode_attention_kernel_matches_torch(share, indirect):
 
 
 @needs_triton
+@pytest.mark.parametrize("config", [(16, 4, 2, 2), (16, 4, 2, 4), (32, 4, 2, 4)])
+@pytest.mark.parametrize("share,indirect", [(1, False), (4, False), (1, True)])
+def test_decode_attention_split_over_positions_matches_torch(config, share, indirect):
+    """Positions split over programs and combined; with 5 live positions some splits hold none."""
+    for dt in DTYPES:
+        g = torch.Generator().manual_seed(3)
+        m, h, kv_heads, dk, slots = 3, 4, 2, 16, 40
+        n = m * share
+        q = torch.randn(n, h, dk, generator=g).to(DEV, dt)
+        kv = torch.randn(slots, m if not indirect else n, kv_heads, 2 * dk, generator=g).to(DEV, dt)
+        anc = torch.randint(0, n, (slots, n), generator=g, dtype=torch.int32).to(DEV) if indirect else None
+        for live in (5, 37, 40):
+            want = fd.decode_attention(q, kv, live, dk, share, dk ** -0.5, anc, True, use_triton=False)
+            got = fd.decode_attention(q, kv, live, dk, share, dk ** -0.5, anc, True, config=config)
+            torch.testing.assert_close(got.float(), want.float(), atol=TOL[dt] * 2, rtol=TOL[dt] * 2)
+
+
+@needs_triton
+def test_argmax_kernel_every_launch_candidate():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 20000, generator=g).to(DEV, DTYPES[0])
+    x[0, 3] = x[0, 19999] = 9.0
+    for cfg in fd.ARGMAX_CANDIDATES:
+        a, b = torch.empty(5, dtype=torch.long, device=DEV), torch.empty(5, dtype=torch.long, device=DEV)
+        fd.argmax_into(x, a, b, config=cfg)
+        assert torch.equal(a, x.argmax(-1)) and torch.equal(b, a), cfg
+
+
+@needs_triton
+def test_embed_layernorm_kernel_matches_torch():
+    for dt in DTYPES:
+        g = torch.Generator().manual_seed(5)
+        vocab, d = 50, 96
+        emb = torch.randn(vocab, d, generator=g).to(DEV, dt)
+        pos = torch.randn(7, d, generator=g).to(DEV, dt)
+        tok = torch.tensor([0, 49, 3, 3, 17], device=DEV)
+        norm = torch.nn.LayerNorm(d).to(DEV, dt)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(d, generator=g) + 0.5)
+            norm.bias.copy_(torch.randn(d, generator=g))
+            x, h = fd.embed_layernorm(tok, emb, pos[4], 9.8, norm)
+        want_x = torch.add(pos[4], emb[tok], alpha=9.8)
+        want_h = torch.nn.functional.layer_norm(want_x.float(), (d,), norm.weight.float(), norm.bias.float(),
+                                                norm.eps)
+        torch.testing.assert_close(x.float(), want_x.float(), atol=TOL[dt] * 10, rtol=TOL[dt])
+        torch.testing.assert_close(h.float(), want_h, atol=TOL[dt] * 4, rtol=TOL[dt] * 4)
+
+
+def test_qkv_apart_writes_the_same_cache_and_queries_as_fused():
+    """The two ways of computing the projections (plain torch, so checked everywhere)."""
+    from mqa_repro.bench import build_model
+    from mqa_repro.spec import load_spec
+
+    for name in ("multi_head", "multi_query"):
+        model = build_model(load_spec(EXPERIMENTS / "tiny.yaml").variants[name], torch.device("cpu"), "fp32")
+        fast = fd.FastDecoder(model, use_triton=False)
+        hn = torch.randn(6, model.spec.d_model, generator=torch.Generator().manual_seed(6))
+        w = fast.layers[0].w_qkv
+        slots = [torch.full((6, fast.g, fast.c), float("nan")) for _ in range(2)]
+        with torch.no_grad():
+            q_fused = fast._qkv(hn, w, slots[0], "fused")
+            q_apart = fast._qkv(hn, w, slots[1], "apart")
+        torch.testing.assert_close(q_apart, q_fused)
+        torch.testing.assert_close(slots[1], slots[0])
+        assert not slots[0].isnan().any()
+
+
+@needs_triton
 @pytest.mark.parametrize("split", [0, 2])
 def test_fast_decoder_on_the_kernels_computes_decode_step(split):
     from mqa_repro.bench import BenchConfig, build_model, check_fast_path
@@ -105,4 +173,25 @@ def test_fast_decoder_on_the_kernels_computes_decode_step(split):
     assert r["greedy_token_agreement_with_model"] == 1.0
     assert r["beam2_sentences_equal_reference"] == 1.0
     if DEV.type == "cuda":
+        assert r["greedy_graph_equals_eager"] and r["beam2_graph_equals_eager"]
+
+
+@pytest.mark.skipif(DEV is None or DEV.type != "cuda", reason="tuned choices are made on CUDA only")
+@pytest.mark.parametrize("forced", [
+    {"attention": (16, 4, 2, 2), "qkv": "apart", "argmax": (2048, 4), "residual": 2, "ffn": "separate"},
+    {"attention": (32, 4, 2, 4), "qkv": "fused", "argmax": (16384, 16), "residual": 0, "ffn": "epilogue"}])
+def test_fast_decoder_with_every_tunable_choice_forced(monkeypatch, forced):
+    """What the tuner may pick at the benchmark's shape, forced at a small one: still decode_step's function."""
+    from mqa_repro.bench import BenchConfig, build_model, check_fast_path
+    from mqa_repro.spec import load_spec
+
+    monkeypatch.setattr(fd, "TUNE_MIN_ROWS", 1)
+    monkeypatch.setattr(fd, "_chosen", lambda key, default, tune: forced[key[0]])
+    for name in ("multi_head", "multi_query"):
+        v = load_spec(EXPERIMENTS / "tiny.yaml").variants[name]
+        model = build_model(v, DEV, "fp32")
+        cfg = BenchConfig(batch=2, src_len=6, tgt_len=10, beams=[1, 2], repeats=1, dtype="fp32", device="cuda")
+        r = check_fast_path(v, model, cfg, DEV, beam=2, batch=2)
+        assert r["logits_rel_err_max"] < 1e-4
+        assert r["greedy_token_agreement_with_model"] == 1.0 and r["beam2_sentences_equal_reference"] == 1.0
         assert r["greedy_graph_equals_eager"] and r["beam2_graph_equals_eager"]
