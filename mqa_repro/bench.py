@@ -47,7 +47,7 @@ class BenchConfig:
     streams: int = 1            # CUDA: the batch split over this many streams (2 measured slower on an H100)
     attention: str = "triton"   # or "torch" (the CPU always uses torch)
     check: bool = True          # fast path == model.decode_step, graph == eager, beam == reference beam
-    tune: bool = True           # CUDA: time attention launches and split-K choices on the device (else fixed)
+    tune: bool = True           # CUDA: time kernel launches and product choices on the device (else fixed)
     sweep: Optional[str] = None  # "batch" or "length"
     sweep_values: list = field(default_factory=list)
 

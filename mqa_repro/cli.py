@@ -302,9 +302,10 @@ def decode_bench(
     check: bool = typer.Option(True, "--check/--no-check", help="Check the fast decoder against the model first."),
     streams: int = typer.Option(1, "--streams", help="CUDA streams the batch is split over (1 = none)."),
     attention: str = typer.Option("triton", "--attention", help="Decode attention on CUDA: triton or torch."),
-    tune: bool = typer.Option(True, "--tune/--no-tune", help="CUDA: pick the attention kernel's launch and "
-                              "the split of the residual products by timing them on this device (recorded "
-                              "in the JSON); --no-tune uses fixed choices."),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="CUDA: pick the attention and argmax kernels' "
+                              "launches and how the projections, the residual products and the FFN ReLU are "
+                              "computed by timing them on this device (recorded in the JSON); --no-tune uses "
+                              "fixed choices."),
 ):
     """Table 2 on this device: training, encoder and decoder (greedy, beam) microseconds per output token for
     each variant, beside the roofline bound, MBU, MFU and KV-cache bytes; CUDA graphs on a GPU."""

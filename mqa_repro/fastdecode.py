@@ -10,15 +10,14 @@ same weights, laid out for speed:
 * the decoder's input (embedding, scale, position) and the first layer norm are one Triton kernel;
 * attention never repeats K/V: a Triton kernel gives one program per (K/V row, K/V head) and batches the
   H/G query heads of the group (and, for encoder-decoder attention under beam search, the beams of one
-  sentence) against that head's K/V, reading only the live positions; optionally the positions are
-  split over 2 or 4 programs whose partial results a second kernel combines (flash-decoding);
+  sentence) against that head's K/V, reading only the live positions;
 * beam search does not move the cache: a [slots, N] int32 ancestor table says which physical row holds
   each position of each hypothesis; a step updates the table (ints) and the kernel follows it;
 * every residual sublayer ends in one Triton kernel that adds the sublayer's output (``addmm_`` into the
   residual, or 1, 2 or 4 split-K partial products summed in fp32) and applies the next layer norm; ReLU
   runs in the FFN product's epilogue or after it; greedy's argmax is one Triton kernel;
 * on CUDA, which of those variants runs, and the attention and argmax kernels' launches (for attention
-  block, warps, stages and split per shape and live-length bucket), are chosen by timing them on the
+  block, warps and stages per shape and live-length bucket), are chosen by timing them on the
   device at first use (from a cold L2, as CUDA graphs); the choices and their times are in
   :func:`tuning_record`;
 * on CUDA one graph is captured per step position (the live length is static inside each graph, so no
@@ -60,25 +59,20 @@ def _triton_here(t: torch.Tensor) -> bool:
 # Decode attention
 # --------------------------------------------------------------------------------------------------
 if triton is not None:
-    @triton.jit(do_not_specialize=["L", "CHUNK"])
+    @triton.jit(do_not_specialize=["L"])
     def _decode_attention_kernel(
-        q_ptr, kv_ptr, out_ptr, anc_ptr, part_ptr, L, CHUNK, scale,
+        q_ptr, kv_ptr, out_ptr, anc_ptr, L, scale,
         stride_qn, stride_qh,                 # q [N, H, K], unit stride on K
         stride_kvt, stride_kvm, stride_kvg,   # kv [.., M, G, C] indexed by position t, row m, head g
         stride_on, stride_oh,                 # out [N, H, V]
         stride_at,                            # ancestors [slots, N] int32 (INDIRECT only)
-        stride_ps,                            # partials [SPLIT, N, H, V + 2] fp32 (SPLIT > 1 only)
-        QH: tl.constexpr, SHARE: tl.constexpr, R_PAD: tl.constexpr, H: tl.constexpr,
-        DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT: tl.constexpr,
+        QH: tl.constexpr, SHARE: tl.constexpr, R_PAD: tl.constexpr,
+        DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr,
         INDIRECT: tl.constexpr, IEEE: tl.constexpr,
     ):
-        """Program (m, g, s): the query rows sharing K/V row m against K/V head g over positions
-        [s * CHUNK, (s + 1) * CHUNK) of the live L. SPLIT == 1 writes the output; else the unnormalised
-        output with its running max and sum go to the partials, for _attention_combine_kernel."""
+        """Program (m, g): the query rows sharing K/V row m against K/V head g over the live L positions."""
         m = tl.program_id(0)
         g = tl.program_id(1)
-        lo = tl.program_id(2) * CHUNK
-        hi = tl.minimum(L, lo + CHUNK)
         r = tl.arange(0, R_PAD)
         r_ok = r < SHARE * QH
         n_r = m * SHARE + r // QH           # query row of each tile row
@@ -90,9 +84,9 @@ if triton is not None:
         m_i = tl.full([R_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([R_PAD], tl.float32)
         acc = tl.zeros([R_PAD, DV], tl.float32)
-        for t0 in range(lo, hi, BLOCK_T):   # the first block of a non-empty range holds a live position
+        for t0 in range(0, L, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
-            t_ok = t < hi
+            t_ok = t < L
             if INDIRECT:
                 row = tl.load(anc_ptr + t * stride_at + m, mask=t_ok, other=0).to(tl.int64)
             else:
@@ -114,30 +108,9 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        if SPLIT == 1:
-            out = acc / l_i[:, None]
-            tl.store(out_ptr + n_r[:, None] * stride_on + h_r[:, None] * stride_oh + dv[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
-        else:   # an empty range leaves max -inf, sum 0, output 0: the combine gives it weight 0
-            part = part_ptr + tl.program_id(2).to(tl.int64) * stride_ps + (n_r.to(tl.int64) * H + h_r) * (DV + 2)
-            tl.store(part[:, None] + dv[None, :], acc, mask=r_ok[:, None])
-            tl.store(part + DV, m_i, mask=r_ok)
-            tl.store(part + DV + 1, l_i, mask=r_ok)
-
-    @triton.jit
-    def _attention_combine_kernel(part_ptr, out_ptr, stride_ps, stride_on, stride_oh,
-                                  H: tl.constexpr, DV: tl.constexpr, SPLIT: tl.constexpr):
-        """out[n, h] from the SPLIT partial results of query row n, head h (one program each)."""
-        pid = tl.program_id(0).to(tl.int64)
-        s = tl.arange(0, SPLIT)
-        dv = tl.arange(0, DV)
-        part = part_ptr + s * stride_ps + pid * (DV + 2)
-        m_s = tl.load(part + DV)
-        l_s = tl.load(part + DV + 1)
-        w = tl.exp(m_s - tl.max(m_s, 0))       # at least one split is non-empty, so the max is finite
-        acc = tl.load(part[:, None] + dv[None, :])
-        out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
-        tl.store(out_ptr + (pid // H) * stride_on + (pid % H) * stride_oh + dv, out.to(out_ptr.dtype.element_ty))
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + n_r[:, None] * stride_on + h_r[:, None] * stride_oh + dv[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
 
     @triton.jit
     def _layernorm_row(x, ok, d, D, eps, w_ptr, b_ptr):
@@ -206,15 +179,12 @@ if triton is not None:
 # Launch configuration of the decode-attention kernel when it is not tuned (notes/bench.md, an H100): one
 # block of 128 positions, 8 warps once 32 or more query rows share a K/V row (beam 4 x 8 heads of MQA).
 ATTENTION_CONFIG = {"block_t": 128, "num_warps": 4, "num_warps_wide": 8, "num_stages": 2}
-# What the tuner tries, (block_t, num_warps, num_stages, split): the best depends on the device, on how many
-# query rows share a K/V row and on the live length, so each combination is timed once on the device at
-# first use. split > 1 divides the live positions among that many programs per (row, head) and combines
-# their partial results in a second kernel (more loads in flight where one program per row is too few).
-ATTENTION_CANDIDATES = ([(16, 4, 4, 1), (32, 2, 4, 1), (32, 4, 3, 1), (32, 4, 4, 1), (32, 8, 3, 1), (64, 4, 2, 1),
-                         (64, 4, 3, 1), (64, 8, 2, 1), (64, 8, 3, 1), (128, 4, 1, 1), (128, 4, 2, 1), (128, 8, 1, 1),
-                         (128, 8, 2, 1)]
-                        + [(b, w, st, s) for s in (2, 4) for b, w, st in ((16, 4, 4), (32, 2, 4), (32, 4, 3),
-                                                                           (64, 4, 2))])
+# What the tuner tries, (block_t, num_warps, num_stages): the best depends on the device, on how many query
+# rows share a K/V row and on the live length, so each combination is timed once on the device at first use.
+# (Splitting the positions over 2 or 4 programs per row and head with a combine kernel, flash-decoding, was
+# slower at every shape of the benchmark on an H200: notes/bench.md.)
+ATTENTION_CANDIDATES = [(16, 4, 4), (32, 2, 4), (32, 4, 3), (32, 4, 4), (32, 8, 3), (64, 4, 2), (64, 4, 3),
+                        (64, 8, 2), (64, 8, 3), (128, 4, 1), (128, 4, 2), (128, 8, 1), (128, 8, 2)]
 SPLIT_CANDIDATES = (0, 1, 2, 4)   # residual products: 0 = addmm_ into the residual, s >= 1 = s K-slices
 
 # Every choice made on this device by timing, with the candidates' times (recorded in decode-bench's JSON).
@@ -299,10 +269,6 @@ def _pick(name: str, candidates: list, make_fn) -> object:
     return best
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
@@ -318,7 +284,7 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
 
     q_NHK: [N, H, d_k]; kv_XMGC: the cache, [slots, M, G, C] (time-major) or [M, S, G, C]; N = M * share.
     anc_SN (self-attention under beam search): anc_SN[t, n] is the physical row holding position t of row n.
-    ``config`` forces the kernel's launch (block_t, num_warps, num_stages, split) instead of the tuned one.
+    ``config`` forces the kernel's launch (block_t, num_warps, num_stages) instead of the tuned one.
     Returns out_NHV [N, H, d_v].
     """
     n, h, _ = q_NHK.shape
@@ -336,25 +302,17 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
         anc = anc_SN if anc_SN is not None else q_NHK  # unused pointer when not indirect
 
         def launch(cfg, length=L, o=out):
-            block_t, warps, stages, split = cfg
-            # each split gets whole blocks; with few live positions the last splits may get none
-            chunk = _ceil_div(_ceil_div(length, split), block_t) * block_t
-            part = (torch.empty(split, n, h, d_v + 2, device=o.device, dtype=torch.float32) if split > 1
-                    else o)
-            _decode_attention_kernel[(m_rows, g, split)](
-                q_NHK, kv_XMGC, o, anc, part, length, chunk, scale,
+            block_t, warps, stages = cfg
+            _decode_attention_kernel[(m_rows, g)](
+                q_NHK, kv_XMGC, o, anc, length, scale,
                 q_NHK.stride(0), q_NHK.stride(1), st, sm, kv_XMGC.stride(2),
                 o.stride(0), o.stride(1), anc_SN.stride(0) if anc_SN is not None else 0,
-                part.stride(0) if split > 1 else 0,
-                QH=qh, SHARE=share, R_PAD=r_pad, H=h, DK=d_k, DV=d_v, BLOCK_T=block_t, SPLIT=split,
+                QH=qh, SHARE=share, R_PAD=r_pad, DK=d_k, DV=d_v, BLOCK_T=block_t,
                 INDIRECT=anc_SN is not None, IEEE=q_NHK.dtype == torch.float32,
                 num_warps=warps, num_stages=stages)
-            if split > 1:
-                _attention_combine_kernel[(n * h,)](part, o, part.stride(0), o.stride(0), o.stride(1),
-                                                    H=h, DV=d_v, SPLIT=split, num_warps=2)
 
         default = (ATTENTION_CONFIG["block_t"], ATTENTION_CONFIG["num_warps_wide" if r_pad >= 32 else "num_warps"],
-                   ATTENTION_CONFIG["num_stages"], 1)
+                   ATTENTION_CONFIG["num_stages"])
         cfg = config or default
         if config is None and tune and q_NHK.is_cuda and n >= TUNE_MIN_ROWS:
             # one choice per shape and live-length bucket, timed at the bucket's longest length
@@ -366,7 +324,7 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
             def tune_launch():
                 scratch = torch.empty_like(out)
                 length = min(bucket, slots)
-                cands = [x for x in ATTENTION_CANDIDATES if x[0] * x[3] <= max(32, length)]
+                cands = [x for x in ATTENTION_CANDIDATES if x[0] <= max(32, bucket)]
                 name = (f"attention rows={n} heads={h} kv_heads={g} share={share} "
                         f"{'time-major' if time_major else 'row-major'} "
                         f"{'ancestors' if anc_SN is not None else 'direct'} live<={bucket} slots={slots} "
@@ -520,7 +478,7 @@ class FastDecoder:
 
     def __init__(self, model: Transformer, use_triton: bool = True, split: Optional[int] = None, tune: bool = True):
         """``split``: how the residual products are computed (see SPLIT_CANDIDATES); None picks the fastest on
-        a GPU by timing (``tune``) and 0 elsewhere. ``tune`` also times the attention kernel's launches."""
+        a GPU by timing (``tune``) and 0 elsewhere. ``tune`` also times the other choices (see describe())."""
         self.model = model
         m = model.spec
         self.spec, self.use_triton = m, use_triton
@@ -564,8 +522,8 @@ class FastDecoder:
                 "embedding": "Triton, fused with the first layer norm" if self.fused else "torch",
                 "greedy_argmax": ("Triton, launch timed per shape" if self.fused and self.tune
                                   else "Triton" if self.fused else "torch"),
-                "attention_launch": ("timed per shape and live-length bucket (block, warps, stages, "
-                                     "split of the positions)" if self.fused and self.tune else "fixed")}
+                "attention_launch": ("timed per shape and live-length bucket" if self.fused and self.tune
+                                     else "fixed")}
 
     # -- encoder -----------------------------------------------------------------------------------
     @torch.no_grad()

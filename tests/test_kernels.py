@@ -1,5 +1,5 @@
 """The decoder's Triton kernels against torch: fused residual-add + layer norm, embedding + layer norm,
-argmax, decode attention with tuned launches and split positions, and the fast decoder built on them. They run on a GPU, or on the CPU under Triton's
+argmax, decode attention with tuned launches, and the fast decoder built on them. They run on a GPU, or on the CPU under Triton's
 interpreter (``TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py``, fp32 only); without either they
 are skipped. The split-K products are plain torch and are checked everywhere."""
 import os
@@ -91,20 +91,17 @@ def test_decode_attention_kernel_matches_torch(share, indirect):
 
 
 @needs_triton
-@pytest.mark.parametrize("config", [(16, 4, 2, 2), (16, 4, 2, 4), (32, 4, 2, 4)])
-@pytest.mark.parametrize("share,indirect", [(1, False), (4, False), (1, True)])
-def test_decode_attention_split_over_positions_matches_torch(config, share, indirect):
-    """Positions split over programs and combined; with 5 live positions some splits hold none."""
+@pytest.mark.parametrize("config", [(16, 4, 2), (32, 4, 3)])
+def test_decode_attention_every_live_length_of_a_block(config):
+    """Live lengths inside the first block, at a block boundary and one past it, under a forced launch."""
     for dt in DTYPES:
         g = torch.Generator().manual_seed(3)
         m, h, kv_heads, dk, slots = 3, 4, 2, 16, 40
-        n = m * share
-        q = torch.randn(n, h, dk, generator=g).to(DEV, dt)
-        kv = torch.randn(slots, m if not indirect else n, kv_heads, 2 * dk, generator=g).to(DEV, dt)
-        anc = torch.randint(0, n, (slots, n), generator=g, dtype=torch.int32).to(DEV) if indirect else None
-        for live in (5, 37, 40):
-            want = fd.decode_attention(q, kv, live, dk, share, dk ** -0.5, anc, True, use_triton=False)
-            got = fd.decode_attention(q, kv, live, dk, share, dk ** -0.5, anc, True, config=config)
+        q = torch.randn(m, h, dk, generator=g).to(DEV, dt)
+        kv = torch.randn(slots, m, kv_heads, 2 * dk, generator=g).to(DEV, dt)
+        for live in (1, 5, config[0], config[0] + 1, slots):
+            want = fd.decode_attention(q, kv, live, dk, 1, dk ** -0.5, None, True, use_triton=False)
+            got = fd.decode_attention(q, kv, live, dk, 1, dk ** -0.5, None, True, config=config)
             torch.testing.assert_close(got.float(), want.float(), atol=TOL[dt] * 2, rtol=TOL[dt] * 2)
 
 
@@ -178,8 +175,8 @@ def test_fast_decoder_on_the_kernels_computes_decode_step(split):
 
 @pytest.mark.skipif(DEV is None or DEV.type != "cuda", reason="tuned choices are made on CUDA only")
 @pytest.mark.parametrize("forced", [
-    {"attention": (16, 4, 2, 2), "qkv": "apart", "argmax": (2048, 4), "residual": 2, "ffn": "separate"},
-    {"attention": (32, 4, 2, 4), "qkv": "fused", "argmax": (16384, 16), "residual": 0, "ffn": "epilogue"}])
+    {"attention": (16, 4, 2), "qkv": "apart", "argmax": (2048, 4), "residual": 2, "ffn": "separate"},
+    {"attention": (64, 4, 2), "qkv": "fused", "argmax": (16384, 16), "residual": 0, "ffn": "epilogue"}])
 def test_fast_decoder_with_every_tunable_choice_forced(monkeypatch, forced):
     """What the tuner may pick at the benchmark's shape, forced at a small one: still decode_step's function."""
     from mqa_repro.bench import BenchConfig, build_model, check_fast_path
