@@ -518,7 +518,8 @@ class FastDecoder:
                 "ffn_relu": ("epilogue or separate, timed per shape" if self.fused and self.tune
                              else "epilogue" if self._relu_mm and self.device.type == "cuda" else "separate"),
                 "qkv_products": ("one product + K/V copy, or queries and K/V apart (K/V straight into the "
-                                 "cache), timed per shape" if self.fused and self.tune else "one product + K/V copy"),
+                                 "cache), timed per shape" if self.fused and self.tune
+                                 else "one product + K/V copy"),
                 "embedding": "Triton, fused with the first layer norm" if self.fused else "torch",
                 "greedy_argmax": ("Triton, launch timed per shape" if self.fused and self.tune
                                   else "Triton" if self.fused else "torch"),

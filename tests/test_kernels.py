@@ -1,7 +1,8 @@
 """The decoder's Triton kernels against torch: fused residual-add + layer norm, embedding + layer norm,
-argmax, decode attention with tuned launches, and the fast decoder built on them. They run on a GPU, or on the CPU under Triton's
-interpreter (``TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py``, fp32 only); without either they
-are skipped. The split-K products are plain torch and are checked everywhere."""
+argmax, decode attention with tuned launches, and the fast decoder built on them. They run on a GPU, or
+on the CPU under Triton's interpreter (``TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py``,
+fp32 only); without either they are skipped. The split-K products and the two ways of computing the
+projections are plain torch and are checked everywhere."""
 import os
 
 import pytest
