@@ -251,6 +251,12 @@ def _time_us(fn, reps: int = 20) -> float:
 TUNE_MIN_ROWS = 64   # smaller batches keep the fixed choices (their steps are launch-bound either way)
 
 
+def _tunable(tune: bool, x: torch.Tensor) -> bool:
+    """Whether a choice for an operation on ``x`` ([rows, ...]) is made by timing: asked for, on CUDA, and
+    enough rows for the choice to matter."""
+    return tune and x.is_cuda and x.shape[0] >= TUNE_MIN_ROWS
+
+
 def _pick(name: str, candidates: list, make_fn) -> object:
     """The fastest of ``candidates`` (``make_fn(c)`` gives a callable running c); failures are skipped."""
     times = {}
@@ -314,7 +320,7 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
         default = (ATTENTION_CONFIG["block_t"], ATTENTION_CONFIG["num_warps_wide" if r_pad >= 32 else "num_warps"],
                    ATTENTION_CONFIG["num_stages"])
         cfg = config or default
-        if config is None and tune and q_NHK.is_cuda and n >= TUNE_MIN_ROWS:
+        if config is None and _tunable(tune, q_NHK):
             # one choice per shape and live-length bucket, timed at the bucket's longest length
             bucket = max(32, triton.next_power_of_2(L))
             slots = kv_XMGC.shape[0] if time_major else kv_XMGC.shape[1]
@@ -411,7 +417,7 @@ def argmax_into(logits_NV: torch.Tensor, *outs: torch.Tensor, tune: bool = False
                                  BLOCK=min(block, triton.next_power_of_2(v)), num_warps=warps)
 
         cfg = config or ARGMAX_CONFIG
-        if config is None and tune and logits_NV.is_cuda and n >= TUNE_MIN_ROWS:
+        if config is None and _tunable(tune, logits_NV):
             key = ("argmax", n, v, str(logits_NV.dtype), torch.cuda.get_device_name(logits_NV.device))
 
             def tune_launch():
@@ -564,7 +570,7 @@ class FastDecoder:
     def _ffn_mode(self, hn_ND, w_i, zero_F) -> str:
         if not (self._relu_mm and zero_F is not None and hn_ND.is_cuda):
             return "separate"
-        if not (self.fused and self.tune and hn_ND.shape[0] >= TUNE_MIN_ROWS):
+        if not _tunable(self.fused and self.tune, hn_ND):
             return "epilogue"
         key = ("ffn", hn_ND.shape[0], w_i.shape[1], w_i.shape[0], str(w_i.dtype), self._device_name)
 
@@ -590,7 +596,7 @@ class FastDecoder:
         return qkv[:, :hk]
 
     def _qkv_mode(self, hn_ND, w_qkv, slot_NGC) -> str:
-        if not (self.fused and self.tune and hn_ND.is_cuda and hn_ND.shape[0] >= TUNE_MIN_ROWS):
+        if not _tunable(self.fused and self.tune, hn_ND):
             return "fused"
         key = ("qkv", hn_ND.shape[0], w_qkv.shape[1], w_qkv.shape[0], str(w_qkv.dtype), self._device_name)
 
@@ -612,7 +618,7 @@ class FastDecoder:
     def _split_for(self, x_ND, a_NK, w, norm) -> int:
         if self.split is not None:
             return self.split
-        if not (self.fused and self.tune and w.is_cuda and a_NK.shape[0] >= TUNE_MIN_ROWS):
+        if not _tunable(self.fused and self.tune, a_NK):
             return 0
         k = a_NK.shape[1]
         key = ("residual", a_NK.shape[0], k, w.shape[0], str(w.dtype), self._device_name)
