@@ -112,69 +112,6 @@ if triton is not None:
         tl.store(out_ptr + n_r[:, None] * stride_on + h_r[:, None] * stride_oh + dv[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
 
-    @triton.jit(do_not_specialize=["L", "n_items"])
-    def _decode_attention_persistent_kernel(
-        q_ptr, kv_ptr, out_ptr, anc_ptr, L, scale, n_items,
-        stride_qn, stride_qh, stride_kvt, stride_kvm, stride_kvg, stride_on, stride_oh, stride_at,
-        G: tl.constexpr, QH: tl.constexpr, SHARE: tl.constexpr, R_PAD: tl.constexpr,
-        DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr,
-        INDIRECT: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr,
-    ):
-        """The same function as _decode_attention_kernel from a fixed grid: program p takes the work items
-        (m, g) = divmod(p + i * programs, G), i = 0, 1, ..., and walks all their blocks of positions as one
-        flat loop, so the software pipeline loads the next item's K/V while this one is computed (one
-        program per item idles the memory system between a program's end and the next one's first load).
-        Items run g-fastest: programs running side by side read neighbouring K/V."""
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
-        n_blocks = tl.cdiv(L, BLOCK_T)
-        total = tl.cdiv(n_items - pid, nprog) * n_blocks
-        r = tl.arange(0, R_PAD)
-        r_ok = r < SHARE * QH
-        dk = tl.arange(0, DK)
-        dv = tl.arange(0, DV)
-        m_i = tl.full([R_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([R_PAD], tl.float32)
-        acc = tl.zeros([R_PAD, DV], tl.float32)
-        for j in tl.range(0, total, num_stages=STAGES):
-            i = j // n_blocks
-            b = j - i * n_blocks
-            item = pid + i * nprog
-            m = item // G
-            g = item - m * G
-            n_r = m * SHARE + r // QH
-            h_r = g * QH + r % QH
-            q = tl.load(q_ptr + n_r[:, None] * stride_qn + h_r[:, None] * stride_qh + dk[None, :],
-                        mask=r_ok[:, None], other=0.0)
-            t = b * BLOCK_T + tl.arange(0, BLOCK_T)
-            t_ok = t < L
-            if INDIRECT:
-                row = tl.load(anc_ptr + t * stride_at + m, mask=t_ok, other=0).to(tl.int64)
-            else:
-                row = tl.zeros([BLOCK_T], tl.int64) + m
-            base = kv_ptr + t.to(tl.int64)[:, None] * stride_kvt + row[:, None] * stride_kvm + g * stride_kvg
-            k = tl.load(base + dk[None, :], mask=t_ok[:, None], other=0.0)
-            v = tl.load(base + DK + dv[None, :], mask=t_ok[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(t_ok[None, :], s * scale, float("-inf"))
-            # an item's first block starts afresh: alpha = exp(-inf) = 0 clears l_i and acc
-            m_old = tl.where(b == 0, float("-inf"), m_i)
-            m_new = tl.maximum(m_old, tl.max(s, 1))
-            alpha = tl.exp(m_old - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-            out = acc / l_i[:, None]
-            tl.store(out_ptr + n_r[:, None] * stride_on + h_r[:, None] * stride_oh + dv[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & (b == n_blocks - 1))
-
     @triton.jit
     def _layernorm_row(x, ok, d, D, eps, w_ptr, b_ptr):
         """LayerNorm of one fp32 row ``x`` (lanes past D masked by ``ok``), in fp32."""
@@ -246,12 +183,8 @@ ATTENTION_CONFIG = {"block_t": 128, "num_warps": 4, "num_warps_wide": 8, "num_st
 # rows share a K/V row and on the live length, so each combination is timed once on the device at first use.
 # (Splitting the positions over 2 or 4 programs per row and head with a combine kernel, flash-decoding, was
 # slower at every shape of the benchmark on an H200: notes/bench.md.)
-# A fourth number makes the kernel persistent (_decode_attention_persistent_kernel), with that many programs
-# per multiprocessor.
 ATTENTION_CANDIDATES = [(16, 4, 4), (32, 2, 4), (32, 4, 3), (32, 4, 4), (32, 8, 3), (64, 4, 2), (64, 4, 3),
-                        (64, 8, 2), (64, 8, 3), (128, 4, 1), (128, 4, 2), (128, 8, 1), (128, 8, 2),
-                        (32, 4, 3, 2), (32, 4, 4, 2), (32, 4, 3, 4), (64, 4, 2, 2), (64, 4, 3, 1), (64, 4, 3, 2),
-                        (64, 8, 3, 1), (128, 4, 2, 1), (128, 8, 2, 1)]
+                        (64, 8, 2), (64, 8, 3), (128, 4, 1), (128, 4, 2), (128, 8, 1), (128, 8, 2)]
 SPLIT_CANDIDATES = (0, 1, 2, 4)   # residual products: 0 = addmm_ into the residual, s >= 1 = s K-slices
 
 # Every choice made on this device by timing, with the candidates' times (recorded in decode-bench's JSON).
@@ -342,11 +275,6 @@ def _pick(name: str, candidates: list, make_fn) -> object:
     return best
 
 
-def _sm_count(t: torch.Tensor) -> int:
-    """Multiprocessors of ``t``'s GPU (2 under Triton's interpreter, so tests give programs several items)."""
-    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 2
-
-
 def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
@@ -362,8 +290,7 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
 
     q_NHK: [N, H, d_k]; kv_XMGC: the cache, [slots, M, G, C] (time-major) or [M, S, G, C]; N = M * share.
     anc_SN (self-attention under beam search): anc_SN[t, n] is the physical row holding position t of row n.
-    ``config`` forces the kernel's launch (block_t, num_warps, num_stages[, programs per multiprocessor: the
-    persistent kernel]) instead of the tuned one.
+    ``config`` forces the kernel's launch (block_t, num_warps, num_stages) instead of the tuned one.
     Returns out_NHV [N, H, d_v].
     """
     n, h, _ = q_NHK.shape
@@ -381,18 +308,14 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
         anc = anc_SN if anc_SN is not None else q_NHK  # unused pointer when not indirect
 
         def launch(cfg, length=L, o=out):
-            block_t, warps, stages = cfg[:3]
-            args = (q_NHK.stride(0), q_NHK.stride(1), st, sm, kv_XMGC.stride(2),
-                    o.stride(0), o.stride(1), anc_SN.stride(0) if anc_SN is not None else 0)
-            consts = dict(QH=qh, SHARE=share, R_PAD=r_pad, DK=d_k, DV=d_v, BLOCK_T=block_t,
-                          INDIRECT=anc_SN is not None, IEEE=q_NHK.dtype == torch.float32, num_warps=warps)
-            if len(cfg) == 3:   # one program per (K/V row, K/V head)
-                _decode_attention_kernel[(m_rows, g)](q_NHK, kv_XMGC, o, anc, length, scale, *args,
-                                                      num_stages=stages, **consts)
-            else:               # persistent: cfg[3] programs per multiprocessor
-                items = m_rows * g
-                _decode_attention_persistent_kernel[(min(items, _sm_count(q_NHK) * cfg[3]),)](
-                    q_NHK, kv_XMGC, o, anc, length, scale, items, *args, G=g, STAGES=stages, **consts)
+            block_t, warps, stages = cfg
+            _decode_attention_kernel[(m_rows, g)](
+                q_NHK, kv_XMGC, o, anc, length, scale,
+                q_NHK.stride(0), q_NHK.stride(1), st, sm, kv_XMGC.stride(2),
+                o.stride(0), o.stride(1), anc_SN.stride(0) if anc_SN is not None else 0,
+                QH=qh, SHARE=share, R_PAD=r_pad, DK=d_k, DV=d_v, BLOCK_T=block_t,
+                INDIRECT=anc_SN is not None, IEEE=q_NHK.dtype == torch.float32,
+                num_warps=warps, num_stages=stages)
 
         default = (ATTENTION_CONFIG["block_t"], ATTENTION_CONFIG["num_warps_wide" if r_pad >= 32 else "num_warps"],
                    ATTENTION_CONFIG["num_stages"])
