@@ -6,11 +6,11 @@ graph, median of 7 replays, inputs resident in L2 where they fit (the same for b
 
     PYTHONPATH=. python3 scripts/gemm_probe.py
 """
-import statistics
-
 import torch
 import triton
 import triton.language as tl
+
+from read_bandwidth import graph_seconds   # scripts/ is on the path when this file runs
 
 
 @triton.jit
@@ -46,25 +46,6 @@ def triton_mm(a, w, c, cfg):
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _mm_kernel[grid](a, w, c, m, n, k, a.stride(0), w.stride(0), c.stride(0), BM=bm, BN=bn, BK=bk, GROUP_M=8,
                      num_warps=warps, num_stages=stages)
-
-
-def graph_seconds(fn, calls: int = 20, replays: int = 7) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / calls)
-    return statistics.median(times)
 
 
 CONFIGS = [(128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
