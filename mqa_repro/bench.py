@@ -195,7 +195,7 @@ def bench_training(variant, cfg: BenchConfig, device, ceil: rl.Ceilings) -> dict
         opt = torch.optim.Adafactor(model.parameters(), lr=1e-3)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
-    seq2seq = m.kind == "encoder-decoder"
+    seq2seq = m.is_seq2seq
     src = random_tokens(rows, seq, m.vocab_size, device, 1) if seq2seq else None
     tgt = random_tokens(rows, seq + 1, m.vocab_size, device, 2)
     tgt[:, 0] = BOS
@@ -224,7 +224,7 @@ def bench_training(variant, cfg: BenchConfig, device, ceil: rl.Ceilings) -> dict
 def _kv_cache_bytes(m, batch: int, beam: int, src_len: int, tgt_len: int, dtype: str) -> int:
     e = rl.DTYPE_BYTES[dtype]
     per_pos = m.decoder_layers * m.n_kv_heads * (m.d_k + m.d_v) * e
-    cross = batch * src_len * per_pos if m.kind == "encoder-decoder" else 0
+    cross = batch * src_len * per_pos if m.is_seq2seq else 0
     return batch * beam * rl.cache_slots(m, tgt_len) * per_pos + cross
 
 
@@ -247,7 +247,7 @@ def bench_decoder(variant, model, cfg: BenchConfig, device, ceil: rl.Ceilings, b
     """Encoder and decoder rows (greedy and each beam) at one shape."""
     m = variant.model
     batch, src_len, tgt_len = batch or cfg.batch, src_len or cfg.src_len, tgt_len or cfg.tgt_len
-    seq2seq = m.kind == "encoder-decoder"
+    seq2seq = m.is_seq2seq
     fast = FastDecoder(model, use_triton=cfg.attention == "triton", tune=cfg.tune)
     rows = []
     cross = None
@@ -319,7 +319,7 @@ def check_fast_path(variant, model: Transformer, cfg: BenchConfig, device, beam:
     ``split`` fixes how the residual products are computed (FastDecoder); None lets the device choose."""
     m = variant.model
     steps = min(cfg.tgt_len, 40)
-    seq2seq = m.kind == "encoder-decoder"
+    seq2seq = m.is_seq2seq
     src = random_tokens(batch, cfg.src_len, m.vocab_size, device, seed=3) if seq2seq else None
     fast = FastDecoder(model, use_triton=cfg.attention == "triton", split=split, tune=cfg.tune)
     cross = fast.encode(src) if seq2seq else None
@@ -363,7 +363,7 @@ def check_fast_path(variant, model: Transformer, cfg: BenchConfig, device, beam:
 # --------------------------------------------------------------------------------------------------
 def hf_peer(variant, cfg: BenchConfig, device, ours_row_s: Optional[float]) -> dict:
     m = variant.model
-    if m.kind != "encoder-decoder" or m.n_kv_heads != m.n_heads or m.n_heads * m.d_k != m.d_model:
+    if not m.is_seq2seq or m.n_kv_heads != m.n_heads or m.n_heads * m.d_k != m.d_model:
         return {"peer": "hf", "skipped": "Marian is multi-head with d_k = d_model / heads; "
                                          f"{variant.name} is not"}
     if m.window:

@@ -418,7 +418,7 @@ def cost_model(
             raise UserError(f"{name} must be positive, got {min(xs)}")
     if src_len is not None and src_len < 1:
         raise UserError(f"--src-len must be positive, got {src_len}")
-    if src_len is not None and variants[0].model.kind != "encoder-decoder":
+    if src_len is not None and not variants[0].model.is_seq2seq:
         raise UserError(f"--src-len applies to encoder-decoder models; {spec} is decoder-only")
     dev = cm.resolve_device(device, bandwidth, flops, memory_gb)
     bench_cfg = variants[0].benchmark
@@ -434,7 +434,7 @@ def cost_model(
         sys.stdout.write(cm.to_csv(res))
         return
     mem = "?" if dev.memory_bytes is None else f"{dev.memory_bytes / 1e9:.4g} GB"
-    src_note = "" if variants[0].model.kind != "encoder-decoder" else f", source {src_len or '= context'}"
+    src_note = "" if not variants[0].model.is_seq2seq else f", source {src_len or '= context'}"
     tables = [(f"cost-model {s.name} on {dev.name}: {dev.bandwidth_Bps / 1e12:.3g} TB/s, "
                f"{dev.flops_per_s / 1e12:.4g} TFLOP/s, {mem}", cm.DECODE_COLUMNS, cm.decode_table_rows(res),
                f"one decoder step attending `context` positions{src_note}, beam {beam}, bf16; "

@@ -241,7 +241,7 @@ def kv_cache_resident_bytes(m: ModelSpec, batch: int, context: int, src_len: int
 
 
 def _src(m: ModelSpec, context: int, src_len: Optional[int]) -> int:
-    if m.kind != "encoder-decoder":
+    if not m.is_seq2seq:
         return 0
     return context if src_len is None else src_len
 
@@ -295,7 +295,7 @@ def comm_bytes_per_chip(m: ModelSpec, batch: int, chips: int, layout: str, beam:
     if chips <= 1:
         return 0.0
     e, n, r = rl.DTYPE_BYTES[dtype], chips, batch * beam
-    attn = 2 if m.kind == "encoder-decoder" else 1                          # attention sublayers per layer
+    attn = 2 if m.is_seq2seq else 1                                          # attention sublayers per layer
     allreduce = m.decoder_layers * (attn + 1) * 2 * (n - 1) / n * r * m.d_model * e
     if layout == "heads":
         return allreduce

@@ -122,7 +122,7 @@ def plan_for(spec: Spec) -> DataPlan:
                     "model.kind" if v.model.kind != first.model.kind else "data")
             raise UserError(f"{spec.path}: variants {first.name!r} and {v.name!r} differ in {what}, but one "
                             f"spec is prepared once for all its variants; move one of them to its own spec")
-    task = "translation" if first.model.kind == "encoder-decoder" else "lm"
+    task = "translation" if first.model.is_seq2seq else "lm"
     return DataPlan(spec.name, spec.path, first.data, first.model.vocab_size, task)
 
 
@@ -876,7 +876,7 @@ def load_prepared(path: Union[str, Path], variant: Optional[Variant] = None) -> 
         raise UserError(f"{path} was prepared by another version of mqa-repro (format "
                         f"{manifest.get('format_version')}, need {FORMAT_VERSION}); run `mqa-repro prepare` again")
     if variant is not None:
-        task = "translation" if variant.model.kind == "encoder-decoder" else "lm"
+        task = "translation" if variant.model.is_seq2seq else "lm"
         want = DataPlan(variant.spec_name, variant.source, variant.data, variant.model.vocab_size, task).hash
         if manifest.get("data_hash") != want:
             raise UserError(f"{path} was prepared from a different data section or vocabulary size than "

@@ -149,7 +149,7 @@ def evaluate_run(run_dir, splits=("dev", "test"), beams: Optional[list] = None, 
     metrics = {"run": str(run_dir), "variant": variant.name, "spec": variant.spec_name,
                "spec_hash": variant.hash, "seed": ck["seed"], "checkpoint_step": ck["step"],
                "perplexity": {}, "bleu": []}
-    translation = variant.model.kind == "encoder-decoder"
+    translation = variant.model.is_seq2seq
     for role, stem in stems:
         ex = load_examples(prepared, variant, stem, limit)
         adv, close = _progress(len(ex), f"{stem} ln(ppl)", progress)

@@ -542,7 +542,7 @@ class FastDecoder:
         b, s = src_BS.shape
         pos = torch.arange(s, device=src_BS.device)
         x = (model.embed(src_BS) * model.emb_scale + model.src_pos(pos)[None]).view(b * s, -1)
-        qh = self.h // self.g
+        qh = self.spec.group_size
         for blk in model.encoder:
             a = blk.self_attn
             hn = blk.self_norm(x)
@@ -637,7 +637,7 @@ class FastDecoder:
     # -- state -------------------------------------------------------------------------------------
     def new_chunk(self, cross_BSGC: Optional[list], batch: int, beam: int, steps: int) -> Chunk:
         m = self.spec
-        slots = min(m.window, steps) if m.window else steps
+        slots = m.cache_slots(steps)
         n = batch * beam
         dev = self.device
         cache = [torch.zeros(slots, n, self.g, self.c, device=dev, dtype=self.dtype) for _ in self.layers]

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .spec import ModelSpec
+from .spec import ModelSpec, cache_slots
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -47,7 +47,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, n, g, max_len, d_k, d_v, window, device, dtype) -> "KVCache":
-        slots = min(window, max_len) if window else max_len
+        slots = cache_slots(window, max_len)
         return cls(torch.zeros(n, g, slots, d_k, device=device, dtype=dtype),
                    torch.zeros(n, g, slots, d_v, device=device, dtype=dtype), window)
 
@@ -99,7 +99,9 @@ class DecodeState:
 class Attention(nn.Module):
     """Multi-head (G = H), multi-query (G = 1) or grouped-query attention, optionally local.
 
-    ``window`` applies to causal self-attention only: position i sees positions i-window+1 .. i.
+    ``window`` (causal self-attention only): position i sees positions i-window+1 .. i. The module owns
+    its decode cache (:meth:`new_cache`), a ring buffer of ``window`` slots when local; whole-sequence calls
+    (``forward``) take the band in their mask, built by :func:`self_mask` with the same window.
     """
 
     def __init__(self, d_model, n_heads, n_kv_heads, d_k, d_v, window=None, dropout=0.0):
@@ -108,6 +110,7 @@ class Attention(nn.Module):
             raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
         self.h, self.g, self.d_k, self.d_v = n_heads, n_kv_heads, d_k, d_v
         self.window, self.dropout = window, dropout
+        self.group_size = n_heads // n_kv_heads   # Q: query heads per K/V head
         self.q_proj = nn.Linear(d_model, n_heads * d_k, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv_heads * d_k, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * d_v, bias=False)
@@ -129,6 +132,10 @@ class Attention(nn.Module):
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(b, t, self.h * self.d_v))
 
     # -- incremental decoding ----------------------------------------------------------------------
+    def new_cache(self, rows: int, max_len: int, device, dtype) -> KVCache:
+        """An empty self-attention cache for ``rows`` rows decoding up to ``max_len`` positions."""
+        return KVCache.empty(rows, self.g, max_len, self.d_k, self.d_v, self.window, device, dtype)
+
     def project_kv(self, mem_BSD):
         b, s, _ = mem_BSD.shape
         k = self.k_proj(mem_BSD).view(b, s, self.g, self.d_k).transpose(1, 2).contiguous()
@@ -148,7 +155,7 @@ class Attention(nn.Module):
         ``kv_len`` (a static int >= pos + 1, for graph capture) limits the slots read; default: all.
         """
         n = x_N1D.shape[0]
-        qg = self.h // self.g
+        qg = self.group_size
         q_NGQK = self.q_proj(x_N1D).view(n, self.g, qg, self.d_k)
         k_NG1K = self.k_proj(x_N1D).view(n, self.g, 1, self.d_k)
         v_NG1V = self.v_proj(x_N1D).view(n, self.g, 1, self.d_v)
@@ -164,7 +171,7 @@ class Attention(nn.Module):
         """Encoder-decoder attention for N = B * beam rows against per-sentence K/V (shared by beams)."""
         n = x_N1D.shape[0]
         b = n // beam
-        qg = self.h // self.g
+        qg = self.group_size
         # [B, beam, G, Q, K] -> [B, G, beam*Q, K]: all beams' queries of a group meet the group's K/V once.
         q = self.q_proj(x_N1D).view(b, beam, self.g, qg, self.d_k).permute(0, 2, 1, 3, 4)
         q_BGXK = q.reshape(b, self.g, beam * qg, self.d_k)
@@ -259,7 +266,7 @@ class Transformer(nn.Module):
         self.spec = spec
         m = spec
         d, v = m.d_model, m.padded_vocab
-        self.is_seq2seq = m.kind == "encoder-decoder"
+        self.is_seq2seq = m.is_seq2seq
         self.embed = nn.Embedding(v, d)
         self.tgt_pos = nn.Embedding(m.max_positions, d)
         if self.is_seq2seq:
@@ -331,8 +338,7 @@ class Transformer(nn.Module):
         dtype = dtype or p.dtype
         if max_len > m.max_positions:
             raise ValueError(f"decode length {max_len} exceeds max_positions {m.max_positions}")
-        caches = [KVCache.empty(batch * beam, m.n_kv_heads, max_len, m.d_k, m.d_v, m.window, p.device, dtype)
-                  for _ in self.decoder]
+        caches = [blk.self_attn.new_cache(batch * beam, max_len, p.device, dtype) for blk in self.decoder]
         cross, valid = None, None
         if self.is_seq2seq:
             if memory_BSD is None:

@@ -185,7 +185,7 @@ def _caption(spec: str, runs: list, what: str) -> str:
     v = runs[0].resolved
     shas = sorted({r.git_sha[:12] for r in runs})
     devices = sorted({r.device for r in runs})
-    scale = (f"{v.model.encoder_layers}+{v.model.decoder_layers} layers" if v.model.kind == "encoder-decoder"
+    scale = (f"{v.model.encoder_layers}+{v.model.decoder_layers} layers" if v.model.is_seq2seq
              else f"{v.model.decoder_layers} layers") + f", d_model {v.model.d_model}"
     dtype = "bf16 autocast" if any("cuda" in str(d).lower() or "h100" in str(d).lower() or "nvidia" in str(d).lower()
                                    for d in devices) else "fp32"
@@ -387,7 +387,7 @@ def table_cost_model(path: Path, bench: dict) -> Optional[Table]:
     mine = [r for r in rows_in if r["variant"] in specs]
     for r in sorted(mine, key=lambda r: (order.index(r["variant"]), r["beam"])):
         m = Variant.from_dict(specs[r["variant"]]).model
-        src = r.get("src_len", 0) if m.kind == "encoder-decoder" else 0
+        src = r.get("src_len", 0) if m.is_seq2seq else 0
         dtype, mid = r.get("dtype", "bf16"), max(1, r["tgt_len"] // 2)
         args = (m, r["batch"], src, r["tgt_len"], r["beam"])
         row = {"variant": r["variant"], "beam": r["beam"], "measured": r["us_per_token"]}
@@ -636,7 +636,7 @@ def build_tables(col: Collection, bootstrap_samples: int = 1000) -> list:
     for spec in sorted(col.runs):
         variants = col.runs[spec]
         any_run = next(iter(variants.values()))[0].resolved
-        if any_run.model.kind == "encoder-decoder":
+        if any_run.model.is_seq2seq:
             tables.append(table1(spec, variants, bootstrap_samples))
         else:
             lm.append(table3(spec, variants))

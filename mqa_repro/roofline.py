@@ -48,35 +48,22 @@ class Cost:
         return Cost(self.bytes + o.bytes, self.flops + o.flops, self.kv_bytes + o.kv_bytes)
 
 
-def _attn_weights(m: ModelSpec) -> dict:
-    d = m.d_model
-    return {"q": d * m.n_heads * m.d_k, "kv": d * m.n_kv_heads * (m.d_k + m.d_v), "o": m.n_heads * m.d_v * d}
-
-
-def _seq2seq(m: ModelSpec) -> bool:
-    return m.kind == "encoder-decoder"
-
-
 def decoder_step_weights(m: ModelSpec) -> int:
     """Weights one decoder step reads: decoder layers (cross K/V projections excluded), norms, softmax."""
-    a = _attn_weights(m)
+    a = m.attention_weights
     per_layer = a["q"] + a["kv"] + a["o"] + 2 * m.d_model * m.d_ff + 2 * 2 * m.d_model
-    if _seq2seq(m):
+    if m.is_seq2seq:
         per_layer += a["q"] + a["o"] + 2 * m.d_model
     return m.decoder_layers * per_layer + 2 * m.d_model + m.padded_vocab * m.d_model
 
 
 def decoder_step_matmul_params(m: ModelSpec) -> int:
     """Weights multiplied per row per decoder step (FLOPs = 2 x this + attention)."""
-    a = _attn_weights(m)
+    a = m.attention_weights
     per_layer = a["q"] + a["kv"] + a["o"] + 2 * m.d_model * m.d_ff
-    if _seq2seq(m):
+    if m.is_seq2seq:
         per_layer += a["q"] + a["o"]
     return m.decoder_layers * per_layer + m.padded_vocab * m.d_model
-
-
-def cache_slots(m: ModelSpec, tgt_len: int) -> int:
-    return min(m.window, tgt_len) if m.window else tgt_len
 
 
 def decoder_step_cost(m: ModelSpec, batch: int, t: int, src_len: int, tgt_len: int, beam: int = 1,
@@ -84,17 +71,17 @@ def decoder_step_cost(m: ModelSpec, batch: int, t: int, src_len: int, tgt_len: i
     """One decoder step at position ``t`` (0-based) for ``batch`` sentences x ``beam`` hypotheses."""
     e = DTYPE_BYTES[dtype]
     n = batch * beam
-    kv_tok = m.decoder_layers * m.n_kv_heads * (m.d_k + m.d_v)      # values per position per row
-    live = min(t + 1, cache_slots(m, tgt_len))                        # attended self positions
+    kv_tok = m.decoder_layers * m.kv_values_per_position            # values per position per row
+    live = min(t + 1, m.cache_slots(tgt_len))                         # attended self positions
     self_bytes = n * (live + 1) * kv_tok * e                          # read the live positions, write one
-    cross_bytes = batch * src_len * kv_tok * e if _seq2seq(m) else 0  # once per sentence
+    cross_bytes = batch * src_len * kv_tok * e if m.is_seq2seq else 0  # once per sentence
     reorder_bytes = 0
     if beam > 1 and t > 0:
-        history = min(t, cache_slots(m, tgt_len))
+        history = min(t, m.cache_slots(tgt_len))
         reorder_bytes = 2 * n * history * (kv_tok * e if reorder == "copy" else 4)
     kv = self_bytes + cross_bytes + reorder_bytes
     attn_per_pos = 2 * m.n_heads * (m.d_k + m.d_v) * m.decoder_layers
-    flops = n * (2 * decoder_step_matmul_params(m) + attn_per_pos * (live + (src_len if _seq2seq(m) else 0)))
+    flops = n * (2 * decoder_step_matmul_params(m) + attn_per_pos * (live + (src_len if m.is_seq2seq else 0)))
     return Cost(decoder_step_weights(m) * e + kv, float(flops), float(kv))
 
 
@@ -106,31 +93,31 @@ def decode_costs(m: ModelSpec, batch: int, src_len: int, tgt_len: int, beam: int
 
 def encoder_cost(m: ModelSpec, batch: int, src_len: int, dtype: str = "bf16") -> Cost:
     """Encode ``batch`` sources and project every decoder layer's encoder-decoder K/V once."""
-    if not _seq2seq(m):
+    if not m.is_seq2seq:
         return Cost()
     e = DTYPE_BYTES[dtype]
-    a = _attn_weights(m)
+    a = m.attention_weights
     tokens = batch * src_len
     enc_layer = a["q"] + a["kv"] + a["o"] + 2 * m.d_model * m.d_ff
     cross_kv_proj = m.decoder_layers * a["kv"]
     weights = m.encoder_layers * (enc_layer + 2 * 2 * m.d_model) + 2 * m.d_model + cross_kv_proj
     attn = m.encoder_layers * batch * 2 * m.n_heads * (m.d_k + m.d_v) * src_len * src_len
     flops = 2 * tokens * (m.encoder_layers * enc_layer + cross_kv_proj) + attn
-    kv_written = tokens * m.decoder_layers * m.n_kv_heads * (m.d_k + m.d_v) * e
+    kv_written = tokens * m.decoder_layers * m.kv_values_per_position * e
     return Cost(float(weights * e + kv_written), float(flops), float(kv_written))
 
 
 def training_cost(m: ModelSpec, rows: int, seq_len: int, n_params: int) -> Cost:
     """Forward + backward (3x forward FLOPs) + optimizer step over ``rows`` x ``seq_len`` target tokens
     (and as many source tokens for an encoder-decoder); full (masked) attention matrices counted."""
-    a = _attn_weights(m)
+    a = m.attention_weights
     tokens = rows * seq_len
     attn_full = a["q"] + a["kv"] + a["o"]
     ffn = 2 * m.d_model * m.d_ff
     per_pos = 2 * m.n_heads * (m.d_k + m.d_v) * seq_len            # attention FLOPs per query position
     dec = m.decoder_layers * (2 * (attn_full + ffn) + per_pos) + 2 * m.padded_vocab * m.d_model
     fwd = tokens * dec
-    if _seq2seq(m):
+    if m.is_seq2seq:
         cross_q_o = a["q"] + a["o"]
         fwd += tokens * m.decoder_layers * (2 * cross_q_o + per_pos)      # decoder queries x source
         fwd += tokens * m.decoder_layers * 2 * a["kv"]                    # source K/V projections

@@ -39,6 +39,12 @@ KNOWN_VARIANTS = (
 )
 
 
+def cache_slots(window: Optional[int], length: int) -> int:
+    """Self-attention cache slots for a ``length``-position decode: a local model (``window`` set) keeps a
+    ring buffer of the last min(window, length) positions; a full-attention one keeps all ``length``."""
+    return min(window, length) if window else length
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -72,9 +78,38 @@ class ModelSpec:
         m = self.vocab_multiple
         return (self.vocab_size + m - 1) // m * m
 
+    # Derived quantities: every module reads these instead of recomputing them.
+    @property
+    def is_seq2seq(self) -> bool:
+        """True for an encoder-decoder (translation) model, False for a decoder-only language model."""
+        return self.kind == "encoder-decoder"
+
     @property
     def group_size(self) -> int:
+        """Query heads per key/value head, h / g (h: multi-head has 1, multi-query has h)."""
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def kv_values_per_position(self) -> int:
+        """Key and value numbers one attention layer caches per position: g * (d_k + d_v)."""
+        return self.n_kv_heads * (self.d_k + self.d_v)
+
+    def cache_slots(self, length: int) -> int:
+        """Self-attention cache slots for a ``length``-position decode (see :func:`cache_slots`)."""
+        return cache_slots(self.window, length)
+
+    @property
+    def attention_weights(self) -> dict:
+        """Weights of one attention layer by projection (no biases): q = d.h.d_k, kv = d.g.(d_k + d_v)
+        (the K and V projections together), o = h.d_v.d."""
+        d = self.d_model
+        return {"q": d * self.n_heads * self.d_k, "kv": d * self.kv_values_per_position,
+                "o": self.n_heads * self.d_v * d}
+
+    @property
+    def n_params(self) -> int:
+        """Total trainable parameters (d_ff resolved); see :func:`param_count`."""
+        return param_count(self)
 
 
 @dataclass(frozen=True)
@@ -203,9 +238,6 @@ class Variant:
             evaluation=_build(EvaluationSpec, d["evaluation"], source, "evaluation"),
             benchmark=_build(BenchmarkSpec, d["benchmark"], source, "benchmark"),
         )
-
-    def replace(self, section: str, **changes) -> "Variant":
-        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
 
 
 @dataclass(frozen=True)
@@ -337,7 +369,7 @@ def _check_model(m: ModelSpec, path, key: str) -> None:
     for name in ("decoder_layers", "d_model", "n_heads", "n_kv_heads", "d_k", "d_v", "vocab_size",
                  "vocab_multiple", "max_positions"):
         positive(name)
-    if m.kind == "encoder-decoder":
+    if m.is_seq2seq:
         positive("encoder_layers")
     elif m.encoder_layers not in (0,):
         raise SpecError(path, f"{key}.encoder_layers", "must be 0 for a decoder-only model")
@@ -359,7 +391,7 @@ def _check_model(m: ModelSpec, path, key: str) -> None:
 
 def _check_sections(v: Variant, path, key: str) -> None:
     d, t, e, b = v.data, v.training, v.evaluation, v.benchmark
-    translation = v.model.kind == "encoder-decoder"
+    translation = v.model.is_seq2seq
     if translation and not (d.src_lang and d.tgt_lang):
         raise SpecError(path, f"{key}data.src_lang", "an encoder-decoder model needs src_lang and tgt_lang")
     if not d.train:
@@ -415,8 +447,7 @@ def _check_sections(v: Variant, path, key: str) -> None:
 # --------------------------------------------------------------------------------------------------
 def attention_params(m: ModelSpec) -> int:
     """Weights of one attention layer: Q (d.h.k) + K, V (d.g.k + d.g.v) + O (h.v.d). No biases."""
-    d = m.d_model
-    return d * m.n_heads * m.d_k + d * m.n_kv_heads * (m.d_k + m.d_v) + m.n_heads * m.d_v * d
+    return sum(m.attention_weights.values())
 
 
 def ffn_params(m: ModelSpec, d_ff: int) -> int:
@@ -425,7 +456,7 @@ def ffn_params(m: ModelSpec, d_ff: int) -> int:
 
 def layer_counts(m: ModelSpec) -> tuple:
     """(attention layers, FFN layers, layer norms)."""
-    if m.kind == "encoder-decoder":
+    if m.is_seq2seq:
         attn = m.encoder_layers + 2 * m.decoder_layers
         ffn = m.encoder_layers + m.decoder_layers
         norms = 2 * m.encoder_layers + 3 * m.decoder_layers + 2  # + final norm of each stack
@@ -443,7 +474,7 @@ def param_count(m: ModelSpec, d_ff: Optional[int] = None) -> int:
     attn, ffn, norms = layer_counts(m)
     v, d = m.padded_vocab, m.d_model
     embeddings = v * d * (1 if m.tied_embeddings else 2)
-    stacks = 2 if m.kind == "encoder-decoder" else 1
+    stacks = 2 if m.is_seq2seq else 1
     positions = stacks * m.max_positions * d
     return attn * attention_params(m) + ffn * ffn_params(m, d_ff) + norms * 2 * d + embeddings + positions
 
@@ -458,10 +489,9 @@ def match_d_ff(m: ModelSpec, target_params: int) -> int:
 
 def kv_cache_bytes(m: ModelSpec, bytes_per_value: int = 2) -> dict:
     """Key/value cache bytes per sequence, per decoded token (self) and per source token (cross)."""
-    per_layer = m.n_kv_heads * (m.d_k + m.d_v) * bytes_per_value
-    out = {"self_per_token": m.decoder_layers * per_layer,
-           "cross_per_source_token": m.decoder_layers * per_layer if m.kind == "encoder-decoder" else 0}
-    return out
+    per_layer = m.kv_values_per_position * bytes_per_value
+    return {"self_per_token": m.decoder_layers * per_layer,
+            "cross_per_source_token": m.decoder_layers * per_layer if m.is_seq2seq else 0}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def load_examples(prepared, variant: Variant, stem: str, limit: Optional[int] = 
     d = variant.data
     keep = d.max_len - 1
     try:
-        if variant.model.kind == "encoder-decoder":
+        if variant.model.is_seq2seq:
             return Examples(tgt=_read_side(prepared.split(stem, d.tgt_lang), limit, keep),
                             src=_read_side(prepared.split(stem, d.src_lang), limit, keep))
         return Examples(tgt=_read_side(prepared.split(stem, "text"), limit, keep))

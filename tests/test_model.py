@@ -205,3 +205,29 @@ def test_packed_examples_do_not_see_each_other():
     out = m(packed, tgt_seg_BT=seg)
     assert torch.allclose(out[0, :4], m(a[None])[0], atol=1e-10)
     assert torch.allclose(out[0, 4:], m(b[None])[0], atol=1e-10)
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_derived_quantities_of_the_spec_are_what_the_model_holds(row, kind):
+    """ModelSpec's derived quantities (one definition each) match the modules and the caches they build."""
+    m = make(row, kind)
+    spec = m.spec
+    assert spec.is_seq2seq == (kind == "encoder-decoder") == hasattr(m, "encoder")
+    assert spec.n_params == sum(p.numel() for p in m.parameters())
+    a = m.decoder[0].self_attn
+    assert spec.attention_weights == {"q": a.q_proj.weight.numel(),
+                                      "kv": a.k_proj.weight.numel() + a.v_proj.weight.numel(),
+                                      "o": a.o_proj.weight.numel()}
+    assert spec.group_size == a.group_size == spec.n_heads // spec.n_kv_heads
+    for length in (1, 2, 3, 5, 40):
+        state = m.start_decoding(4, length, beam=1, src_BS=source() if spec.is_seq2seq else None)
+        cache = state.self_kv[0]
+        assert cache.slots == spec.cache_slots(length) <= length
+        per_position = (cache.k_NGTK[0, :, 0].numel() + cache.v_NGTV[0, :, 0].numel())
+        assert per_position == spec.kv_values_per_position
+        if state.cross_kv is not None:
+            cross = state.cross_kv[0]
+            assert cross.k_BGSK[0, :, 0].numel() + cross.v_BGSV[0, :, 0].numel() == spec.kv_values_per_position
+    if spec.window:
+        assert spec.cache_slots(40) == spec.window
