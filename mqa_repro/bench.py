@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from . import roofline as rl
+from .costmodel import kv_cache_resident_bytes
 from .errors import UserError
 from .fastdecode import DecodeRun, FastDecoder, tuning_record
-from .model import BOS, PAD, Transformer, count_parameters
+from .model import BOS, PAD, Transformer
 from .provenance import device_info, manifest
 
 BENCH_SCHEMA = 1
@@ -213,19 +214,12 @@ def bench_training(variant, cfg: BenchConfig, device, ceil: rl.Ceilings) -> dict
         opt.step()
 
     times = time_runs(step, device, cfg.repeats, warmup=2 if device.type == "cuda" else 1)
-    n_params, opt_name = count_parameters(model), type(opt).__name__
+    opt_name = type(opt).__name__
     del model, opt
-    cost = rl.training_cost(m, rows, seq, n_params)
+    cost = rl.training_cost(m, rows, seq, m.n_params)
     return _row(variant, "train", 0, times, cost, ceil, rows * seq, cfg, batch=rows, src_len=seq if seq2seq else 0,
                 tgt_len=seq, optimizer=opt_name,
                 autocast_bf16=amp, microbatch_rows=micro)
-
-
-def _kv_cache_bytes(m, batch: int, beam: int, src_len: int, tgt_len: int, dtype: str) -> int:
-    e = rl.DTYPE_BYTES[dtype]
-    per_pos = m.decoder_layers * m.n_kv_heads * (m.d_k + m.d_v) * e
-    cross = batch * src_len * per_pos if m.is_seq2seq else 0
-    return batch * beam * rl.cache_slots(m, tgt_len) * per_pos + cross
 
 
 def _chunks(fast: FastDecoder, cross: Optional[list], batch: int, beam: int, steps: int, n_chunks: int) -> list:
@@ -274,8 +268,8 @@ def bench_decoder(variant, model, cfg: BenchConfig, device, ceil: rl.Ceilings, b
                                "attention": "triton" if (graphs and cfg.attention == "triton") else "torch",
                                "beam_reorder": "indirect (ancestor table)" if beam > 1 else None,
                                **fast.describe()},
-                         kv_cache_bytes=_kv_cache_bytes(m, batch, beam, src_len if seq2seq else 0, tgt_len,
-                                                        cfg.dtype)))
+                         kv_cache_bytes=kv_cache_resident_bytes(m, batch, tgt_len, src_len if seq2seq else 0,
+                                                                beam, cfg.dtype)))
         del run, chunks
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -60,7 +60,7 @@ from typing import Optional
 
 from . import roofline as rl
 from .errors import UserError
-from .spec import ModelSpec, kv_cache_bytes, param_count
+from .spec import ModelSpec, kv_cache_bytes
 
 SCHEMA_VERSION = 1
 GB = 1e9
@@ -229,14 +229,14 @@ def critical_batch(m: ModelSpec, context: int, src_len: int, bandwidth_Bps: floa
 # --------------------------------------------------------------------------------------------------
 def weight_bytes(m: ModelSpec, dtype: str = "bf16") -> int:
     """Every parameter resident on the device (encoder included)."""
-    return param_count(m) * rl.DTYPE_BYTES[dtype]
+    return m.n_params * rl.DTYPE_BYTES[dtype]
 
 
 def kv_cache_resident_bytes(m: ModelSpec, batch: int, context: int, src_len: int, beam: int = 1,
                             dtype: str = "bf16") -> int:
     """K/V cache held at context n: self K/V of min(n, window) slots per row, cross K/V per sentence."""
     kv = kv_cache_bytes(m, rl.DTYPE_BYTES[dtype])
-    return batch * (beam * rl.cache_slots(m, context) * kv["self_per_token"]
+    return batch * (beam * m.cache_slots(context) * kv["self_per_token"]
                     + src_len * kv["cross_per_source_token"])
 
 
@@ -382,7 +382,7 @@ def decode_row(name: str, m: ModelSpec, batch: int, context: int, src_len: Optio
     w = weight_bytes(m, dtype)
     kv = kv_cache_resident_bytes(m, batch, context, src, beam, dtype)
     mem = device.memory_bytes
-    attended = rl.cache_slots(m, context)
+    attended = m.cache_slots(context)
     formula, ratio = paper_ratio(m, batch * beam, attended)
     return DecodeRow(
         variant=name, batch=batch, context=context, src_len=src, beam=beam, attended=attended,

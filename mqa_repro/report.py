@@ -20,8 +20,8 @@ from typing import Optional
 
 from . import paper
 from .errors import UserError
-from .spec import Variant, kv_cache_bytes, param_count
-from .uptrain import METHODS, parse_uptrain_name
+from .spec import Variant, kv_cache_bytes
+from .names import METHODS, parse_uptrain_name
 
 MISSING = "–"
 
@@ -177,7 +177,7 @@ class Table:
 def _shape_cells(v: Variant) -> dict:
     m = v.model
     return {"h": m.n_heads, "kv_heads": m.n_kv_heads, "d_k": m.d_k, "d_ff": m.d_ff,
-            "window": m.window or "", "params_m": round(param_count(m) / 1e6, 2),
+            "window": m.window or "", "params_m": round(m.n_params / 1e6, 2),
             "kv_bytes_per_token": kv_cache_bytes(m)["self_per_token"]}
 
 

@@ -19,35 +19,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .errors import UserError
+from .names import METHODS, uptrain_name
 from .spec import Variant
-
-METHODS = ("mean", "first", "random")
-_NAME = re.compile(rf"^(?P<source>.+)_to_kv(?P<kv_heads>\d+)_(?P<method>{'|'.join(METHODS)})_"
-                   r"(?P<amount>\d+(?:\.\d+)?)(?P<unit>pct|steps)$")
-
-
-def uptrain_name(source: str, kv_heads: int, method: str, steps: int, source_steps: int) -> str:
-    """Row name, e.g. ``multi_head_to_kv1_mean_5pct`` (percent of the source's steps, or a step count)."""
-    pct = 100.0 * steps / source_steps
-    tag = f"{pct:g}pct" if abs(pct - round(pct, 1)) < 1e-9 else f"{steps}steps"
-    return f"{source}_to_kv{kv_heads}_{method}_{tag}"
-
-
-def parse_uptrain_name(name: str) -> Optional[dict]:
-    """The parts of a name made by :func:`uptrain_name` (source, kv_heads, method, amount, unit), else None."""
-    m = _NAME.match(name)
-    if not m:
-        return None
-    return {"source": m["source"], "kv_heads": int(m["kv_heads"]), "method": m["method"],
-            "amount": float(m["amount"]), "unit": m["unit"]}
-
 
 def uptrain_variant(source: Variant, kv_heads: int, method: str, *, fraction: Optional[float] = None,
                     steps: Optional[int] = None) -> Variant:
@@ -82,11 +61,12 @@ def convert_state(state: dict, source: Variant, kv_heads: int, method: str, seed
     from .model import Transformer
 
     m = source.model
-    h, group = m.n_heads, m.n_heads // kv_heads
+    target = dataclasses.replace(m, n_kv_heads=kv_heads)
+    h, group = m.n_heads, target.group_size
     fresh = None
     if method == "random":
         torch.manual_seed(seed)
-        fresh = Transformer(dataclasses.replace(m, n_kv_heads=kv_heads)).state_dict()
+        fresh = Transformer(target).state_dict()
     out, converted = {}, 0
     for key, w in state.items():
         if key.endswith(("k_proj.weight", "v_proj.weight")):
