@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
@@ -26,7 +25,8 @@ from .costmodel import kv_cache_resident_bytes
 from .errors import UserError
 from .fastdecode import DecodeRun, FastDecoder, tuning_record
 from .model import BOS, PAD, Transformer
-from .provenance import device_info, manifest
+from .provenance import manifest
+from .runtime import autocast, median, time_runs
 
 BENCH_SCHEMA = 1
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -53,16 +53,6 @@ class BenchConfig:
     sweep_values: list = field(default_factory=list)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible to torch on this machine")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
-
-
 def default_config(variant, device: torch.device, **overrides) -> BenchConfig:
     """The spec's benchmark section, with its smaller CPU defaults on the CPU; ``overrides`` win if set.
 
@@ -82,33 +72,9 @@ def default_config(variant, device: torch.device, **overrides) -> BenchConfig:
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
-def time_runs(fn, device: torch.device, repeats: int, before=None, warmup: int = 1) -> list:
-    """Seconds of ``fn()`` for each of ``repeats`` runs after ``warmup`` runs; ``before()`` runs untimed."""
-    out = []
-    for i in range(warmup + repeats):
-        if before is not None:
-            before()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            sec = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            fn()
-            sec = time.perf_counter() - t0
-        if i >= warmup:
-            out.append(sec)
-    return out
-
-
 def _stats(times: list) -> dict:
-    s = sorted(times)
-    med = s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
-    return {"median_s": med, "min_s": s[0], "max_s": s[-1], "repeats": len(s), "times_s": times}
+    return {"median_s": median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times),
+            "times_s": times}
 
 
 def _row(variant, measure: str, beam: int, times: list, costs, ceil: rl.Ceilings, tokens: int, cfg: BenchConfig,
@@ -207,7 +173,7 @@ def bench_training(variant, cfg: BenchConfig, device, ceil: rl.Ceilings) -> dict
         opt.zero_grad(set_to_none=True)
         for r0 in range(0, rows, micro):
             sl = slice(r0, min(rows, r0 + micro))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, enabled=amp):
                 logits = model(tgt[sl, :-1], src[sl] if seq2seq else None)
             loss = F.cross_entropy(logits.float().flatten(0, 1), tgt[sl, 1:].flatten(), label_smoothing=smoothing)
             (loss * (sl.stop - sl.start) / rows).backward()

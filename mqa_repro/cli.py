@@ -311,6 +311,7 @@ def decode_bench(
     each variant, beside the roofline bound, MBU, MFU and KV-cache bytes; CUDA graphs on a GPU."""
     from . import bench
     from .provenance import write_json_atomic
+    from .runtime import resolve_device
     from .spec import load_spec
 
     s = load_spec(spec)
@@ -335,7 +336,7 @@ def decode_bench(
         except ImportError:
             raise UserError("--peer hf needs Hugging Face transformers, which is not installed here "
                             "(pip install transformers)") from None
-    dev = bench.resolve_device(device.value)
+    dev = resolve_device(device.value)
     cfg = bench.default_config(variants[0], dev, batch=batch_size, src_len=src_len, tgt_len=tgt_len,
                                beams=sorted(set(beam)) if beam else None, repeats=repeats,
                                dtype=dtype.value if dtype else None, train=train, check=check, streams=streams,
@@ -420,7 +421,7 @@ def cost_model(
         raise UserError(f"--src-len must be positive, got {src_len}")
     if src_len is not None and not variants[0].model.is_seq2seq:
         raise UserError(f"--src-len applies to encoder-decoder models; {spec} is decoder-only")
-    dev = cm.resolve_device(device, bandwidth, flops, memory_gb)
+    dev = cm.device_preset(device, bandwidth, flops, memory_gb)
     bench_cfg = variants[0].benchmark
     res = cm.cost_model(variants, dev, sorted(set(batch or [bench_cfg.batch_size])),
                         sorted(set(context or [bench_cfg.tgt_len])), src_len, beam, chips)

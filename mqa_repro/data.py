@@ -29,11 +29,9 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +40,8 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from .errors import UserError
+from .provenance import sha256_file
+from .runtime import Progress
 from .spec import DataSpec, Spec, Variant, load_spec, spec_hash
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -153,54 +153,6 @@ def _roles(plan: DataPlan, kind: str) -> Roles:
     if leaked:
         raise UserError(f"{plan.spec_path}: {leaked[0]!r} is both a training and an evaluation split of data")
     return r
-
-
-# --------------------------------------------------------------------------------------------------
-# Progress: rich bars on a terminal, plain lines otherwise
-# --------------------------------------------------------------------------------------------------
-class Steps:
-    """Progress for the slow steps; bars on a terminal (stderr), one line per step when piped."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.fancy = enabled and sys.stderr.isatty()
-        self._progress = None
-
-    def __enter__(self) -> "Steps":
-        if self.fancy:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                       TimeElapsedColumn)
-
-            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                      MofNCompleteColumn(), TimeElapsedColumn(),
-                                      console=Console(stderr=True))
-            self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-
-    def log(self, message: str) -> None:
-        if not self.enabled:
-            return
-        if self._progress is not None:
-            self._progress.console.print(message, highlight=False)
-        else:
-            print(message, file=sys.stderr, flush=True)
-
-    @contextmanager
-    def task(self, description: str, total: Optional[int] = None) -> Iterator[Callable[[int], None]]:
-        start = time.perf_counter()
-        if self._progress is not None:
-            tid = self._progress.add_task(description, total=total)
-            yield lambda n=1: self._progress.advance(tid, n)
-            self._progress.update(tid, completed=total if total is not None else 1, total=total or 1)
-        else:
-            yield lambda n=1: None
-            if self.enabled:
-                print(f"prepare: {description} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -519,17 +471,9 @@ def _up_to_date(out: Path, plan: DataPlan, source: dict, inputs: list) -> bool:
             return False
         st = p.stat()
         if (st.st_size, st.st_mtime_ns) != (r["bytes"], r["mtime_ns"]):
-            if st.st_size != r["bytes"] or _sha256(p) != r["sha256"]:
+            if st.st_size != r["bytes"] or sha256_file(p) != r["sha256"]:
                 return False
     return True
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -593,7 +537,7 @@ def prepare(spec: Union[Spec, str, Path], *, data_dir: Optional[Union[str, Path]
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it private; the result should look like any folder
     try:
-        with Steps(progress) as steps:
+        with Progress("prepare", enabled=progress) as steps:
             manifest = _prepare_into(tmp, plan, roles, kind, corpus_dir, src_record, steps)
             manifest["seconds"] = round(time.perf_counter() - t0, 2)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
@@ -640,14 +584,14 @@ def _read_split(plan: DataPlan, stem: str, role: str, kind: str, corpus_dir: Opt
 
 
 def _prepare_into(tmp: Path, plan: DataPlan, roles: Roles, kind: str, corpus_dir: Optional[Path],
-                  src_record: dict, steps: Steps) -> dict:
+                  src_record: dict, steps: Progress) -> dict:
     import sentencepiece as spm
 
     from .provenance import git_sha, now, versions
 
     d = plan.data
     where = f"{corpus_dir}" if kind == "local" else f"the datasets hub ({d.hub.path})"
-    steps.log(f"prepare {plan.spec_name}: {d.corpus} from {where}")
+    steps.log(f"{plan.spec_name}: {d.corpus} from {where}")
     hub_data = None
     if kind == "hub":
         with steps.task(f"loading {d.hub.path} from the datasets hub"):
@@ -777,10 +721,6 @@ class TokenArray:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    @property
-    def n_tokens(self) -> int:
-        return int(self.offsets[-1])
-
     @classmethod
     def concat(cls, parts: Sequence["TokenArray"]) -> "TokenArray":
         if len(parts) == 1:
@@ -822,10 +762,6 @@ class Prepared:
     @property
     def dev_stem(self) -> str:
         return self.manifest["roles"]["dev"]
-
-    @property
-    def test_stems(self) -> list:
-        return list(self.manifest["roles"]["test"])
 
     def _side_info(self, stem: str, side: str) -> dict:
         splits = self.manifest["splits"]

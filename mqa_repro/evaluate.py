@@ -28,20 +28,9 @@ from .decode import beam_search, greedy, max_lengths
 from .errors import UserError
 from .model import EOS, PAD
 from .provenance import manifest, now, write_json_atomic
+from .runtime import Progress, resolve_device
 from .train import (Examples, collate, corpus_nll, load_checkpoint, load_examples, model_from_checkpoint,
-                    open_prepared, data_fingerprint, resolve_device)
-
-
-def _progress(total: int, title: str, enabled: bool):
-    """A rich bar on a terminal (returns (advance, close)); nothing when piped."""
-    if not (enabled and sys.stderr.isatty()):
-        return (lambda n: None), (lambda: None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    bar.start()
-    task = bar.add_task(title, total=total)
-    return (lambda n: bar.advance(task, n)), bar.stop
+                    open_prepared, data_fingerprint)
 
 
 def _say(text: str, enabled: bool) -> None:
@@ -152,9 +141,8 @@ def evaluate_run(run_dir, splits=("dev", "test"), beams: Optional[list] = None, 
     translation = variant.model.is_seq2seq
     for role, stem in stems:
         ex = load_examples(prepared, variant, stem, limit)
-        adv, close = _progress(len(ex), f"{stem} ln(ppl)", progress)
-        total, count, _ = corpus_nll(model, ex, dev, batch_tokens=8192, progress=adv)
-        close()
+        with Progress(f"{stem} ln(ppl)", len(ex), enabled=progress) as bar:
+            total, count, _ = corpus_nll(model, ex, dev, batch_tokens=8192, progress=bar.advance)
         ppl = {"role": role, "sentences": len(ex), "subword_tokens": count,
                "ln_ppl_per_subword": total / count, "ppl_per_subword": math.exp(total / count)}
         if not translation:
@@ -170,9 +158,8 @@ def evaluate_run(run_dir, splits=("dev", "test"), beams: Optional[list] = None, 
         ref_file = run_dir / f"ref.{stem}.txt"
         _write_lines(ref_file, refs)
         for beam in ([1] if role == "dev" else beams):
-            adv, close = _progress(len(ex), f"{stem} beam {beam}", progress)
-            ids = translate(model, ex, ev, beam, bs, dev, adv)
-            close()
+            with Progress(f"{stem} beam {beam}", len(ex), enabled=progress) as bar:
+                ids = translate(model, ex, ev, beam, bs, dev, bar.advance)
             hyps = [prepared.sp.decode(x) for x in ids]
             hyp_file = run_dir / f"hyp.{stem}.beam{beam}.txt"
             _write_lines(hyp_file, hyps)

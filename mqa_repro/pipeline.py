@@ -139,8 +139,9 @@ def run_pipeline(spec: Spec, *, stages=STAGES, variants: Optional[list] = None, 
             evaluate_run(rd, device=device, progress=progress, data=data_path)
 
     if "bench" in stages:
-        from .bench import default_config, resolve_device, run_bench
+        from .bench import default_config, run_bench
         from .provenance import write_json_atomic
+        from .runtime import resolve_device
 
         dev = resolve_device(device)
         out = results / spec.name / "bench" / f"{dev.type}.json"

@@ -26,7 +26,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,8 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .model import BOS, EOS, PAD, Transformer, count_parameters
-from .provenance import manifest, sha256_file, write_json_atomic
+from .provenance import manifest, write_json_atomic
+from .runtime import Progress, autocast, resolve_device
 from .spec import Variant, spec_hash
 
 CHECKPOINT_FORMAT = 1
@@ -63,18 +63,6 @@ def run_dir(variant: Variant, seed: int, root="results") -> Path:
 
 def checkpoint_dir(variant: Variant, seed: int, root="checkpoints") -> Path:
     return Path(root) / variant.spec_name / variant.name / f"seed{seed}"
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no CUDA device")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,10 +211,6 @@ class Batch:
         move = lambda x: None if x is None else (x.pin_memory() if pin else x).to(device, non_blocking=pin)  # noqa
         return Batch(*(move(x) for x in (self.tgt_in_BT, self.tgt_out_BT, self.tgt_seg_BT, self.src_BS,
                                          self.src_seg_BS)))
-
-    @property
-    def n_tokens(self) -> int:
-        return int((self.tgt_out_BT != PAD).sum())
 
 
 def collate(ex: Examples, rows: list) -> Batch:
@@ -475,12 +459,6 @@ def _spec_diff(a: dict, b: dict, prefix="") -> list:
 # --------------------------------------------------------------------------------------------------
 # Perplexity (shared with evaluate)
 # --------------------------------------------------------------------------------------------------
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def corpus_nll(model: Transformer, ex: Examples, device, batch_tokens: int = 8192, progress=None) -> tuple:
     """(summed NLL in nats, target tokens incl. EOS, per-example NLL) over ``ex``, unpacked, by length."""
@@ -514,39 +492,8 @@ def corpus_nll(model: Transformer, ex: Examples, device, batch_tokens: int = 819
 
 
 # --------------------------------------------------------------------------------------------------
-# Progress
+# Stopping on a signal
 # --------------------------------------------------------------------------------------------------
-class Reporter:
-    """A rich progress bar on a terminal; plain lines (one per log interval) when piped."""
-
-    def __init__(self, title: str, total: int, start: int, enabled: bool):
-        self.enabled, self.total, self.title = enabled, total, title
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
-            self.bar.start()
-            self.task = self.bar.add_task(title, total=total, completed=start, info="")
-
-    def step(self, step: int, info: str = "") -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-
-    def line(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.console.print(text, highlight=False)
-        else:
-            print(f"{self.title} {text}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 class _StopFlag:
     """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
 
@@ -705,7 +652,7 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
     nan_step = int(os.environ.get(NAN_ENV, "0") or 0)
     end = t.steps if stop_after is None else min(t.steps, stop_after)
     title = f"{variant.spec_name}/{variant.name}/seed{seed}"
-    rep = Reporter(title, t.steps, step, enabled=progress and d.main)
+    rep = Progress(title, t.steps, step, enabled=progress and d.main)
     log = open(log_path, "a", encoding="utf-8") if d.main else None
     losses = []
     win = {"loss": 0.0, "nll": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
