@@ -376,11 +376,14 @@ def hf_peer(variant, cfg: BenchConfig, device, ours_row_s: Optional[float]) -> d
 # The whole benchmark
 # --------------------------------------------------------------------------------------------------
 def run_bench(variants: list, cfg: BenchConfig, checkpoint_state=None, peer: Optional[str] = None,
-              spec_path: str = "", log=print) -> dict:
+              spec_path: str = "", log=print, refresh_ceilings: bool = False) -> dict:
+    """Every row of the benchmark for ``variants`` (the module docstring). The device's ceilings come from the
+    cache (roofline.ceilings: one line names the file and measurement) unless ``refresh_ceilings`` or none is
+    cached for this device, torch version and dtype: then they are measured and cached."""
     device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
-    ceil = rl.ceilings(device, cfg.dtype)
+    ceil = rl.ceilings(device, cfg.dtype, refresh=refresh_ceilings, log=log)
     log(f"ceilings on {ceil.device}: {ceil.bandwidth_Bps / 1e12:.2f} TB/s copy, "
         f"{ceil.peak_flops / 1e12:.1f} TFLOP/s {cfg.dtype} matmul")
     rows, checks, peers = [], {}, []

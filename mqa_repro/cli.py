@@ -302,6 +302,9 @@ def decode_bench(
     check: bool = typer.Option(True, "--check/--no-check", help="Check the fast decoder against the model first."),
     streams: int = typer.Option(1, "--streams", help="CUDA streams the batch is split over (1 = none)."),
     attention: str = typer.Option("triton", "--attention", help="Decode attention on CUDA: triton or torch."),
+    refresh_ceilings: bool = typer.Option(False, "--refresh-ceilings", help="Measure the device's bandwidth and "
+                                          "matmul peak again instead of using the cached measurement (roofline "
+                                          "cache, named in the output)."),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="CUDA: pick the attention and argmax kernels' "
                               "launches and how the projections, the residual products and the FFN ReLU are "
                               "computed by timing them on this device (recorded in the JSON); --no-tune uses "
@@ -343,7 +346,7 @@ def decode_bench(
                                attention=attention, tune=tune, sweep=sweep.value if sweep else None,
                                sweep_values=list(sweep_values) if sweep_values else None)
     res = bench.run_bench(variants, cfg, state, peer, spec_path=str(spec),
-                          log=lambda msg: err.print(msg, highlight=False))
+                          log=lambda msg: err.print(msg, highlight=False), refresh_ceilings=refresh_ceilings)
     if out_file is not None:
         if out_file.suffix == ".csv":
             out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -403,6 +406,9 @@ def cost_model(
     variant: Optional[List[str]] = typer.Option(None, "--variant", help="Variant(s) (repeatable; default all)."),
     format: BenchFormat = typer.Option(BenchFormat.table, "--format", "-f", help="table, json or csv."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write the results with provenance here (JSON)."),
+    refresh_ceilings: bool = typer.Option(False, "--refresh-ceilings", help="With --device measured: measure "
+                                          "this machine's ceilings now (and cache them) instead of using the "
+                                          "cached measurement."),
 ):
     """Analytic cost of incremental decoding per variant: step and per-token bounds (weights and K/V bytes
     over bandwidth, FLOPs over peak), the bound that dominates, the batch where decoding turns compute-bound,
@@ -421,7 +427,8 @@ def cost_model(
         raise UserError(f"--src-len must be positive, got {src_len}")
     if src_len is not None and not variants[0].model.is_seq2seq:
         raise UserError(f"--src-len applies to encoder-decoder models; {spec} is decoder-only")
-    dev = cm.device_preset(device, bandwidth, flops, memory_gb)
+    dev = cm.device_preset(device, bandwidth, flops, memory_gb, refresh_ceilings,
+                           log=lambda msg: err.print(msg, highlight=False))
     bench_cfg = variants[0].benchmark
     res = cm.cost_model(variants, dev, sorted(set(batch or [bench_cfg.batch_size])),
                         sorted(set(context or [bench_cfg.tgt_len])), src_len, beam, chips)
@@ -436,8 +443,8 @@ def cost_model(
         return
     mem = "?" if dev.memory_bytes is None else f"{dev.memory_bytes / 1e9:.4g} GB"
     src_note = "" if not variants[0].model.is_seq2seq else f", source {src_len or '= context'}"
-    tables = [(f"cost-model {s.name} on {dev.name}: {dev.bandwidth_Bps / 1e12:.3g} TB/s, "
-               f"{dev.flops_per_s / 1e12:.4g} TFLOP/s, {mem}", cm.DECODE_COLUMNS, cm.decode_table_rows(res),
+    tables = [(f"cost-model {s.name} on {dev.device}: {dev.bandwidth_Bps / 1e12:.3g} TB/s, "
+               f"{dev.peak_flops / 1e12:.4g} TFLOP/s, {mem}", cm.DECODE_COLUMNS, cm.decode_table_rows(res),
                f"one decoder step attending `context` positions{src_note}, beam {beam}, bf16; "
                f"us/token = step / batch; {dev.source}"),
               ("memory-to-arithmetic per step (Shazeer 2019)", cm.RATIO_COLUMNS, cm.ratio_table_rows(res),

@@ -52,14 +52,14 @@ in bf16.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
 from . import roofline as rl
 from .errors import UserError
+from .roofline import Ceilings
 from .spec import ModelSpec, kv_cache_bytes
 
 SCHEMA_VERSION = 1
@@ -67,31 +67,23 @@ GB = 1e9
 
 
 # --------------------------------------------------------------------------------------------------
-# Devices: datasheet ceilings, one device = what one accelerator program sees
+# Devices: datasheet ceilings (roofline.Ceilings), one device = what one accelerator program sees
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Device:
-    name: str
-    bandwidth_Bps: float              # memory bandwidth, bytes per second
-    flops_per_s: float                # dense bf16 matrix peak
-    memory_bytes: Optional[float]     # device memory (None: unknown, give --memory-gb)
-    source: str                       # where the figures come from
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def _sheet(name: str, bandwidth_Bps: float, peak_flops: float, memory_bytes: Optional[float], source: str):
+    return Ceilings(name, "bf16", bandwidth_Bps, peak_flops, memory_bytes=memory_bytes, source=source)
 
 
 DEVICES = {
     # NVIDIA H100 Tensor Core GPU datasheet, SXM5 80 GB: 3.35 TB/s HBM3, 989 TFLOP/s dense BF16 (the
     # datasheet's 1,979 assumes 2:4 sparsity), 80 GB.
-    "h100": Device("h100", 3.35e12, 989e12, 80 * GB,
+    "h100": _sheet("h100", 3.35e12, 989e12, 80 * GB,
                    "NVIDIA H100 SXM5 datasheet: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16, 80 GB"),
     # NVIDIA H200 Tensor Core GPU datasheet, SXM: 4.8 TB/s HBM3e, 141 GB; the same Hopper tensor cores as
     # the H100, 989 TFLOP/s dense BF16 (1,979 with sparsity).
-    "h200": Device("h200", 4.8e12, 989e12, 141 * GB,
+    "h200": _sheet("h200", 4.8e12, 989e12, 141 * GB,
                    "NVIDIA H200 SXM datasheet: 4.8 TB/s HBM3e, 989 TFLOP/s dense bf16, 141 GB"),
     # NVIDIA A100 Tensor Core GPU datasheet, 80 GB SXM: 2,039 GB/s HBM2e, 312 TFLOP/s dense BF16, 80 GB.
-    "a100": Device("a100", 2.039e12, 312e12, 80 * GB,
+    "a100": _sheet("a100", 2.039e12, 312e12, 80 * GB,
                    "NVIDIA A100 80GB SXM datasheet: 2.039 TB/s HBM2e, 312 TFLOP/s dense bf16, 80 GB"),
     # ONE TPUv2 CORE. A TPUv2 chip has two cores, each with its own 8 GiB HBM stack; per chip 700 GB/s and
     # 16 GiB (Jouppi et al. 2020, "A domain-specific supercomputer for training deep neural networks",
@@ -100,62 +92,74 @@ DEVICES = {
     # The paper's "one TPUv2 (8 cores)" is 4 chips = 8 of these devices, data-parallel: batch 1024 is
     # 128 per core, each core reading all the weights. So `--device tpuv2 --batch 128` models one core's
     # step, and the paper's Table 2 figure (time / 1024 / 128) is our us/token divided by 8.
-    "tpuv2": Device("tpuv2", 350e9, 22.5e12, 8 * 2**30,
+    "tpuv2": _sheet("tpuv2", 350e9, 22.5e12, 8 * 2**30,
                     "one TPUv2 core = half a chip (chip: 700 GB/s, 16 GiB, Jouppi et al. 2020; 45 TFLOP/s bf16, "
                     "Google); the paper's TPUv2 is 8 such cores"),
     # Not a datasheet: a modest generic server CPU for orders of magnitude only. Measure yours with
     # decode-bench, then use --device measured.
-    "cpu": Device("cpu", 50e9, 1e12, None,
+    "cpu": _sheet("cpu", 50e9, 1e12, None,
                   "generic CPU, illustrative (50 GB/s, 1 TFLOP/s bf16), not a datasheet; prefer --device measured"),
 }
 
 
-def measured_device(path=None) -> Device:
-    """The ceilings roofline.py measured and cached (decode-bench writes them): the most recent bf16 entry."""
-    path = Path(path) if path else rl.cache_path()
-    if not path.is_file():
-        raise UserError(f"--device measured: no measured ceilings at {path}; run decode-bench on the device "
-                        f"first, or pass --bandwidth and --flops")
-    try:
-        table = json.loads(path.read_text())
-        entries = [rl.Ceilings(**e) for e in table.values()]
-    except (OSError, ValueError, TypeError):
-        raise UserError(f"--device measured: {path} is not a ceilings file written by decode-bench") from None
-    if not entries:
-        raise UserError(f"--device measured: {path} holds no measurements")
-    bf16 = [e for e in entries if e.dtype == "bf16"] or entries
-    c = max(bf16, key=lambda e: e.measured)
-    return Device(f"measured: {c.device}", c.bandwidth_Bps, c.peak_flops, None,
-                  f"measured by decode-bench ({c.dtype}, torch {c.torch}, {c.measured}; copy bandwidth, "
-                  f"matmul peak) from {path}")
+def measured_device(path=None, refresh: bool = False, log=None) -> Ceilings:
+    """The ceilings decode-bench measured and cached (roofline.cache_path(): the most recent bf16 entry,
+    else the most recent), or with ``refresh`` measured now on this machine's device (bf16 on CUDA, fp32 on
+    the CPU) and cached. ``log`` gets one line naming the file, device and date of a cached measurement.
+    Raises UserError when there is no cache or it is not a ceilings file."""
+    if refresh:
+        from .runtime import resolve_device
+
+        dev = resolve_device("auto")
+        c = rl.ceilings(dev, "bf16" if dev.type == "cuda" else "fp32", path, refresh=True)
+        where = f"measured now on {c.device} ({c.dtype}, torch {c.torch}, {c.measured})"
+    else:
+        path = Path(path) if path else rl.cache_path()
+        try:
+            entries = list(rl.cached_ceilings(path).values())
+        except ValueError as e:
+            raise UserError(f"--device measured: {e}") from None
+        if not entries:
+            raise UserError(f"--device measured: no measured ceilings at {path}; run decode-bench on the device "
+                            f"first (or cost-model --refresh-ceilings), or pass --bandwidth and --flops")
+        bf16 = [e for e in entries if e.dtype == "bf16"] or entries
+        c = max(bf16, key=lambda e: e.measured)
+        if log is not None:
+            log(rl.describe_cached(c, path))
+        where = f"measured by decode-bench ({c.dtype}, torch {c.torch}, {c.measured}; copy bandwidth, matmul peak) from {path}"
+    return replace(c, device=f"measured: {c.device}", memory_bytes=None, source=where)
 
 
-def resolve_device(name: Optional[str] = None, bandwidth_GBps: Optional[float] = None,
-                   tflops: Optional[float] = None, memory_gb: Optional[float] = None) -> Device:
-    """A preset (or the measured ceilings), with --bandwidth/--flops/--memory-gb overriding its figures."""
+def device_preset(name: Optional[str] = None, bandwidth_GBps: Optional[float] = None,
+                  tflops: Optional[float] = None, memory_gb: Optional[float] = None, refresh: bool = False,
+                  log=None) -> Ceilings:
+    """A datasheet preset (or ``measured``: the cached ceilings, re-measured with ``refresh``), with
+    --bandwidth/--flops/--memory-gb overriding its figures. Raises UserError naming the option at fault."""
     if (bandwidth_GBps is None) != (tflops is None):
         given, missing = ("--bandwidth", "--flops") if tflops is None else ("--flops", "--bandwidth")
         raise UserError(f"{given} needs {missing} too: give both ceilings, or neither and a --device")
     for opt, x in (("--bandwidth", bandwidth_GBps), ("--flops", tflops), ("--memory-gb", memory_gb)):
         if x is not None and not (x > 0 and math.isfinite(x)):
             raise UserError(f"{opt} must be a positive number, got {x}")
+    if refresh and name != "measured":
+        raise UserError("--refresh-ceilings applies to --device measured")
     if name is None:
         name = "h100" if bandwidth_GBps is None else None
     if name is None:
-        dev = Device("custom", 0.0, 0.0, None, "")
+        dev = _sheet("custom", 0.0, 0.0, None, "")
     elif name == "measured":
-        dev = measured_device()
+        dev = measured_device(refresh=refresh, log=log)
     elif name in DEVICES:
         dev = DEVICES[name]
     else:
         raise UserError(f"--device must be one of {', '.join(DEVICES)} or measured, got {name!r}")
     if bandwidth_GBps is not None:
         src = f"--bandwidth {bandwidth_GBps:g} GB/s, --flops {tflops:g} TFLOP/s"
-        dev = Device(dev.name if name is None else f"{dev.name} (overridden)", bandwidth_GBps * GB, tflops * 1e12,
-                     dev.memory_bytes, src if name is None else f"{dev.source}; overridden: {src}")
+        dev = replace(dev, device=dev.device if name is None else f"{dev.device} (overridden)",
+                      bandwidth_Bps=bandwidth_GBps * GB, peak_flops=tflops * 1e12,
+                      source=src if name is None else f"{dev.source}; overridden: {src}")
     if memory_gb is not None:
-        dev = Device(dev.name, dev.bandwidth_Bps, dev.flops_per_s, memory_gb * GB,
-                     f"{dev.source}; --memory-gb {memory_gb:g}")
+        dev = replace(dev, memory_bytes=memory_gb * GB, source=f"{dev.source}; --memory-gb {memory_gb:g}")
     return dev
 
 
@@ -195,8 +199,7 @@ def predict_decode_step(m: ModelSpec, batch: int, context: int, src_len: int, ba
     as decode-bench does). Returns a :class:`StepPrediction` (seconds = max(bytes / bw, FLOPs / peak)).
     """
     c = _step_cost(m, batch, context, src_len, beam, dtype)
-    mem, comp = c.bytes / bandwidth_Bps, c.flops / flops_per_s
-    sec = max(mem, comp)
+    mem, comp, sec = rl.step_seconds(c, bandwidth_Bps, flops_per_s)
     return StepPrediction(batch, context, src_len, beam, c.bytes, c.flops, c.kv_bytes, mem, comp, sec,
                           "memory" if mem >= comp else "compute", sec / batch * 1e6 if batch else 0.0)
 
@@ -374,10 +377,10 @@ class ShardRow:
     step_s_per_chip: float            # communication excluded
 
 
-def decode_row(name: str, m: ModelSpec, batch: int, context: int, src_len: Optional[int], device: Device,
+def decode_row(name: str, m: ModelSpec, batch: int, context: int, src_len: Optional[int], device: Ceilings,
                beam: int = 1, dtype: str = "bf16") -> DecodeRow:
     src = _src(m, context, src_len)
-    p = predict_decode_step(m, batch, context, src, device.bandwidth_Bps, device.flops_per_s, beam, dtype)
+    p = predict_decode_step(m, batch, context, src, device.bandwidth_Bps, device.peak_flops, beam, dtype)
     e = rl.DTYPE_BYTES[dtype]
     w = weight_bytes(m, dtype)
     kv = kv_cache_resident_bytes(m, batch, context, src, beam, dtype)
@@ -388,7 +391,7 @@ def decode_row(name: str, m: ModelSpec, batch: int, context: int, src_len: Optio
         variant=name, batch=batch, context=context, src_len=src, beam=beam, attended=attended,
         weight_bytes_step=p.bytes - p.kv_bytes, kv_bytes_step=p.kv_bytes, bytes=p.bytes, flops=p.flops,
         memory_s=p.memory_s, compute_s=p.compute_s, step_s=p.seconds, us_per_token=p.us_per_token, bound=p.bound,
-        critical_batch=critical_batch(m, context, src, device.bandwidth_Bps, device.flops_per_s, beam, dtype),
+        critical_batch=critical_batch(m, context, src, device.bandwidth_Bps, device.peak_flops, beam, dtype),
         kv_cache_bytes=kv, weights_bytes=w, memory_bytes=mem,
         fits=None if mem is None else w + kv <= mem,
         max_batch=None if mem is None else max_batch(m, context, src, mem, beam, dtype),
@@ -397,7 +400,7 @@ def decode_row(name: str, m: ModelSpec, batch: int, context: int, src_len: Optio
     )
 
 
-def shard_rows(name: str, m: ModelSpec, batch: int, context: int, src_len: Optional[int], device: Device,
+def shard_rows(name: str, m: ModelSpec, batch: int, context: int, src_len: Optional[int], device: Ceilings,
                chips: int, beam: int = 1, dtype: str = "bf16") -> list:
     """The two K/V layouts on ``chips`` chips, weights sharded 1-D over them."""
     src = _src(m, context, src_len)
@@ -416,20 +419,21 @@ def shard_rows(name: str, m: ModelSpec, batch: int, context: int, src_len: Optio
             fits=None if mem is None else w_chip + kv * share <= mem,
             max_context=None if mem is None else max_context(m, batch, mem - w_chip, src_len, beam, dtype, share),
             comm_bytes_per_chip=comm_bytes_per_chip(m, batch, chips, layout, beam, dtype),
-            step_s_per_chip=max(step_bytes / device.bandwidth_Bps, c.flops / chips / device.flops_per_s),
+            step_s_per_chip=rl.step_seconds(rl.Cost(step_bytes, c.flops / chips), device.bandwidth_Bps,
+                                            device.peak_flops)[2],
         ))
     return out
 
 
 @dataclass
 class CostModel:
-    device: Device
+    device: Ceilings
     rows: list      # DecodeRow
     shards: list    # ShardRow (empty on one chip)
     config: dict
 
 
-def cost_model(variants: list, device: Device, batches: list, contexts: list, src_len: Optional[int] = None,
+def cost_model(variants: list, device: Ceilings, batches: list, contexts: list, src_len: Optional[int] = None,
                beam: int = 1, chips: int = 1, dtype: str = "bf16") -> CostModel:
     """Every (variant, batch, context) of the grid. ``variants``: spec Variants (``.name``, ``.model``).
 

@@ -392,7 +392,7 @@ def table_cost_model(path: Path, bench: dict) -> Optional[Table]:
         args = (m, r["batch"], src, r["tgt_len"], r["beam"])
         row = {"variant": r["variant"], "beam": r["beam"], "measured": r["us_per_token"]}
         if sheet:
-            row["model_sheet"] = predict_decoder_us_per_token(*args, sheet.bandwidth_Bps, sheet.flops_per_s, dtype)
+            row["model_sheet"] = predict_decoder_us_per_token(*args, sheet.bandwidth_Bps, sheet.peak_flops, dtype)
             row["x_sheet"] = r["us_per_token"] / row["model_sheet"]
         if ceil.get("bandwidth_Bps") and ceil.get("peak_flops"):
             bw, fl = ceil["bandwidth_Bps"], ceil["peak_flops"]

@@ -1,8 +1,12 @@
 """The physical limit beside every time: measured device ceilings and analytic bytes / FLOPs per step.
 
-Ceilings are measured once per (device, torch version, dtype) and cached in a small JSON file:
-memory bandwidth from a large device-to-device copy (bytes read + bytes written over the time) and peak
-matrix throughput from a large matrix product in the benchmark's dtype.
+A device's ceilings (:class:`Ceilings`: memory bandwidth, matrix peak, optionally memory size) are either a
+datasheet's (``costmodel.DEVICES``) or measured here: memory bandwidth from a large device-to-device copy
+(bytes read + bytes written over the time) and peak matrix throughput from a large matrix product in the
+benchmark's dtype. Measurements are cached per (device, torch version, dtype) in ``ceilings.json`` under
+``$MQA_REPRO_CACHE`` (default ``~/.cache/mqa-repro``, see :func:`cache_path`); ``decode-bench`` writes it,
+``cost-model --device measured`` reads it, both say which file and measurement they use, and
+``--refresh-ceilings`` measures again.
 
 Costs are counted per step kind, for a :class:`~mqa_repro.spec.ModelSpec`:
 
@@ -25,11 +29,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from .runtime import median, time_runs
 from .spec import ModelSpec
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -130,22 +134,33 @@ def training_cost(m: ModelSpec, rows: int, seq_len: int, n_params: int) -> Cost:
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Ceilings:
-    device: str
-    dtype: str
-    bandwidth_Bps: float   # bytes read + written per second, large device-to-device copy
-    peak_flops: float      # dense matrix product in ``dtype``
-    torch: str = ""
-    measured: str = ""
+    """What one device can do: measured (``measure_ceilings``) or from a datasheet (``costmodel.DEVICES``)."""
+
+    device: str            # the device's name
+    dtype: str             # the dtype ``peak_flops`` holds for
+    bandwidth_Bps: float   # memory bandwidth, bytes per second (measured: read + written, large copy)
+    peak_flops: float      # dense matrix product in ``dtype``, FLOP/s
+    torch: str = ""        # measured: torch version
+    measured: str = ""     # measured: when (ISO 8601, UTC)
+    memory_bytes: Optional[float] = None   # device memory (None: unknown)
+    source: str = ""       # where the figures come from
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def step_seconds(c: Cost, bandwidth_Bps: float, peak_flops: float) -> tuple:
+    """(memory s, compute s, bound s) of one step: bytes / bandwidth, FLOPs / peak and the larger of the two
+    (the roofline: the step can be no faster than either)."""
+    memory, compute = c.bytes / bandwidth_Bps, c.flops / peak_flops
+    return memory, compute, max(memory, compute)
 
 
 def bound_seconds(costs, ceil: Ceilings) -> float:
     """Sum over steps of max(bytes / bandwidth, FLOPs / peak)."""
     if isinstance(costs, Cost):
         costs = [costs]
-    return sum(max(c.bytes / ceil.bandwidth_Bps, c.flops / ceil.peak_flops) for c in costs)
+    return sum(step_seconds(c, ceil.bandwidth_Bps, ceil.peak_flops)[2] for c in costs)
 
 
 def total(costs) -> Cost:
@@ -171,31 +186,9 @@ def cache_path() -> Path:
     return Path(root) / "ceilings.json"
 
 
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
 def _timed(fn, device, reps: int) -> float:
-    """Median seconds of ``fn`` over ``reps`` runs after two warm-ups (CUDA events on a GPU)."""
-    import torch
-
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return _median(times)
+    """Median seconds of ``fn`` over ``reps`` runs after two warm-ups."""
+    return median(time_runs(fn, device, reps, warmup=2))
 
 
 def measure_ceilings(device, dtype: str = "bf16") -> Ceilings:
@@ -222,22 +215,45 @@ def measure_ceilings(device, dtype: str = "bf16") -> Ceilings:
                     torch=torch.__version__, measured=now())
 
 
-def ceilings(device, dtype: str = "bf16", path: Optional[Path] = None, refresh: bool = False) -> Ceilings:
-    """Cached ceilings for (device name, torch version, dtype); measured on the first call."""
+def cached_ceilings(path: Optional[Path] = None) -> dict:
+    """The measurements in the ceilings cache: {"<device>|torch <version>|<dtype>": Ceilings}; {} when the
+    file is absent. Raises ValueError when it exists but is not a ceilings file."""
+    path = Path(path) if path else cache_path()
+    if not path.is_file():
+        return {}
+    try:
+        table = json.loads(path.read_text())
+        return {k: Ceilings(**e) for k, e in table.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        raise ValueError(f"{path} is not a ceilings file written by decode-bench") from None
+
+
+def describe_cached(c: Ceilings, path) -> str:
+    """The line printed when a cached measurement is used instead of a new one."""
+    return (f"ceilings: cached measurement from {path} ({c.device}, {c.dtype}, torch {c.torch}, measured "
+            f"{c.measured}); --refresh-ceilings measures again")
+
+
+def ceilings(device, dtype: str = "bf16", path: Optional[Path] = None, refresh: bool = False,
+             log=None) -> Ceilings:
+    """Cached ceilings for (device name, torch version, dtype); measured on the first call, or when
+    ``refresh``. ``log`` gets one line naming the cache file and the measurement's date when a cached
+    measurement is used."""
     import torch
 
     from .provenance import device_info, write_json_atomic
 
     path = Path(path) if path else cache_path()
     key = f"{device_info(torch.device(device))['name']}|torch {torch.__version__}|{dtype}"
-    table = {}
-    if path.is_file():
-        try:
-            table = json.loads(path.read_text())
-        except (OSError, ValueError):
-            table = {}
+    try:
+        table = {k: c.to_dict() for k, c in cached_ceilings(path).items()}
+    except ValueError:
+        table = {}
     if key in table and not refresh:
-        return Ceilings(**table[key])
+        c = Ceilings(**table[key])
+        if log is not None:
+            log(describe_cached(c, path))
+        return c
     c = measure_ceilings(device, dtype)
     table[key] = c.to_dict()
     try:

@@ -22,7 +22,7 @@ from .conftest import EXPERIMENTS, ROOT
 M = ModelSpec(kind="encoder-decoder", encoder_layers=1, decoder_layers=1, d_model=8, d_ff=16, n_heads=2,
               n_kv_heads=1, d_k=4, d_v=4, vocab_size=16, vocab_multiple=8, max_positions=16)
 MH = replace(M, n_kv_heads=2)
-DEV = cm.Device("test", bandwidth_Bps=1000.0, flops_per_s=10000.0, memory_bytes=4000.0, source="by hand")
+DEV = rl.Ceilings("test", "bf16", bandwidth_Bps=1000.0, peak_flops=10000.0, memory_bytes=4000.0, source="by hand")
 
 
 def variant(name, m):
@@ -142,24 +142,24 @@ def test_decoder_bound_equals_roofline(name, beam):
 
 
 def test_devices(tmp_path, monkeypatch):
-    assert cm.resolve_device("h200").bandwidth_Bps == 4.8e12 and cm.resolve_device().name == "h100"
-    tpu = cm.resolve_device("tpuv2")
-    assert (tpu.bandwidth_Bps, tpu.flops_per_s) == (350e9, 22.5e12)      # one core = half a chip
-    d = cm.resolve_device("a100", bandwidth_GBps=1000, tflops=100, memory_gb=40)
-    assert (d.bandwidth_Bps, d.flops_per_s, d.memory_bytes) == (1e12, 1e14, 40e9)
-    assert cm.resolve_device(None, 500, 50).memory_bytes is None
+    assert cm.device_preset("h200").bandwidth_Bps == 4.8e12 and cm.device_preset().device == "h100"
+    tpu = cm.device_preset("tpuv2")
+    assert (tpu.bandwidth_Bps, tpu.peak_flops) == (350e9, 22.5e12)      # one core = half a chip
+    d = cm.device_preset("a100", bandwidth_GBps=1000, tflops=100, memory_gb=40)
+    assert (d.bandwidth_Bps, d.peak_flops, d.memory_bytes) == (1e12, 1e14, 40e9)
+    assert cm.device_preset(None, 500, 50).memory_bytes is None
     for kwargs, word in (({"name": "v100"}, "--device"), ({"bandwidth_GBps": 100}, "--flops"),
                          ({"tflops": 1}, "--bandwidth"), ({"name": "h100", "memory_gb": 0}, "--memory-gb")):
         with pytest.raises(UserError, match=word):
-            cm.resolve_device(**kwargs)
+            cm.device_preset(**kwargs)
     monkeypatch.setenv("MQA_REPRO_CACHE", str(tmp_path))
     with pytest.raises(UserError, match="--device measured"):
-        cm.resolve_device("measured")
+        cm.device_preset("measured")
     old = rl.Ceilings("GPU A", "bf16", 1e12, 1e14, "2.0", "2025-01-01T00:00:00+00:00").to_dict()
     new = rl.Ceilings("GPU B", "bf16", 2e12, 2e14, "2.0", "2026-01-01T00:00:00+00:00").to_dict()
     (tmp_path / "ceilings.json").write_text(json.dumps({"a": old, "b": new}))
-    m = cm.resolve_device("measured")
-    assert m.name == "measured: GPU B" and m.bandwidth_Bps == 2e12 and m.flops_per_s == 2e14
+    m = cm.device_preset("measured")
+    assert m.device == "measured: GPU B" and m.bandwidth_Bps == 2e12 and m.peak_flops == 2e14
 
 
 def invoke(*args):
@@ -177,7 +177,7 @@ def test_cli_json_and_out(tmp_path):
                "--chips", "2", "--format", "json", "--out", str(out))
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["kind"] == "cost-model" and doc["device_model"]["name"] == "h100"
+    assert doc["kind"] == "cost-model" and doc["device_model"]["device"] == "h100"
     assert {"git_sha", "versions", "created"} <= set(doc["provenance"])
     assert len(doc["rows"]) == 4 * 2 and len(doc["sharding"]) == 4 * 2 * 2
     assert {"step_s", "us_per_token", "bound", "critical_batch", "max_batch", "ratio_paper"} <= set(doc["rows"][0])
@@ -208,3 +208,32 @@ def test_cli_mistake_is_one_line():
     assert r.returncode == 2 and r.stdout == ""
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "--flops" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_cached_ceilings_are_named_and_can_be_measured_again(tmp_path, monkeypatch):
+    """A cached measurement is used with one line naming the file, device and date; refresh measures anew."""
+    import torch
+
+    from mqa_repro.provenance import device_info
+
+    path = tmp_path / "ceilings.json"
+    cpu = torch.device("cpu")
+    key = f"{device_info(cpu)['name']}|torch {torch.__version__}|fp32"
+    cached = rl.Ceilings("CPU X", "fp32", 1e10, 1e11, torch.__version__, "2025-03-04T05:06:07+00:00")
+    path.write_text(json.dumps({key: cached.to_dict()}))
+    fresh = rl.Ceilings("CPU X", "fp32", 2e10, 2e11, torch.__version__, "2026-01-01T00:00:00+00:00")
+    calls = []
+    monkeypatch.setattr(rl, "measure_ceilings", lambda device, dtype: calls.append(dtype) or fresh)
+    lines = []
+    assert rl.ceilings(cpu, "fp32", path, log=lines.append) == cached and not calls
+    assert len(lines) == 1 and str(path) in lines[0] and "2025-03-04" in lines[0] and "CPU X" in lines[0]
+    assert "--refresh-ceilings" in lines[0]
+    lines.clear()
+    assert rl.ceilings(cpu, "fp32", path, refresh=True, log=lines.append) == fresh and calls == ["fp32"]
+    assert not lines and rl.cached_ceilings(path)[key] == fresh          # the new measurement is cached
+    # cost-model --device measured names the file it reads
+    monkeypatch.setenv("MQA_REPRO_CACHE", str(tmp_path))
+    dev = cm.device_preset("measured", log=lines.append)
+    assert dev.bandwidth_Bps == 2e10 and len(lines) == 1 and str(path) in lines[0] and "2026-01-01" in lines[0]
+    with pytest.raises(UserError, match="--refresh-ceilings"):
+        cm.device_preset("h100", refresh=True)
