@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .spec import ModelSpec, cache_slots
 
-PAD, UNK, BOS, EOS = 0, 1, 2, 3
+PAD, UNK, BOS, EOS = 0, 1, 2, 3   # special token ids; data.py trains SentencePiece with the same ids
 
 
 # --------------------------------------------------------------------------------------------------
