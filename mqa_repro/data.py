@@ -20,9 +20,9 @@ a no-op, and output is built in a temporary folder beside the target and renamed
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
-import html
 import io
 import itertools
 import json
@@ -292,43 +292,21 @@ def hub_split_lines(dataset, plan: DataPlan, stem: str, train: bool) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Moses detokenisation (the WMT14 training sample is Moses-tokenised and XML-escaped)
 # --------------------------------------------------------------------------------------------------
-_LEFT_CHARS = set(",.?!:;%)]}…")                                 # tokens of only these: no space before
-_ATTACH_LEFT = {"''", "»", "“", "”"}
-_ATTACH_RIGHT = set("([{¿¡$£€#") | {"``", "«", "„"}                # no space after these
-_CONTRACTION = re.compile(r"^'(s|re|ve|ll|d|m|t|S|RE|VE|LL|D|M|T)$")
+@functools.lru_cache(maxsize=None)
+def _detokenizer(lang: str):
+    from sacremoses import MosesDetokenizer
+
+    return MosesDetokenizer(lang=lang)
 
 
 def moses_detokenize(line: str, lang: str = "en") -> str:
-    """Undo Moses tokenisation and XML escaping of one line (a small subset of sacremoses' detokenizer).
+    """Undo Moses tokenisation and XML escaping of one line with sacremoses' detokenizer for ``lang``
+    (plus the ``@,@`` / ``@.@`` number splits of some WMT releases, which it leaves alone).
 
     ``Parliament &apos;s role , as &quot; a body &quot; ( now ) .`` -> ``Parliament's role, as "a body" (now).``
     """
-    line = line.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
-    tokens = html.unescape(line).split()
-    out: list = []
-    glue_next = True   # no space before the first token
-    quotes = {'"': 0, "'": 0}
-    for i, tok in enumerate(tokens):
-        space = not glue_next
-        glue_next = False
-        if (tok in _ATTACH_LEFT or all(c in _LEFT_CHARS for c in tok) or (lang == "en" and tok == "n't")
-                or (lang == "en" and _CONTRACTION.match(tok))):
-            space = False
-        elif tok in _ATTACH_RIGHT:
-            glue_next = True
-        elif tok in quotes:
-            if lang == "en" and tok == "'" and out and out[-1].endswith("s") and quotes["'"] % 2 == 0:
-                space = False            # plural possessive: "the parents ' house"
-            elif quotes[tok] % 2 == 0:   # opening quote: attach to what follows
-                glue_next = True
-                quotes[tok] += 1
-            else:                        # closing quote: attach to what precedes
-                space = False
-                quotes[tok] += 1
-        if space and out:
-            out.append(" ")
-        out.append(tok)
-    return "".join(out)
+    line = line.replace(" @,@ ", ",").replace(" @.@ ", ".")
+    return _detokenizer(lang).detokenize(line.split())
 
 
 # --------------------------------------------------------------------------------------------------
