@@ -126,7 +126,8 @@ def measured_device(path=None, refresh: bool = False, log=None) -> Ceilings:
         c = max(bf16, key=lambda e: e.measured)
         if log is not None:
             log(rl.describe_cached(c, path))
-        where = f"measured by decode-bench ({c.dtype}, torch {c.torch}, {c.measured}; copy bandwidth, matmul peak) from {path}"
+        where = (f"measured by decode-bench ({c.dtype}, torch {c.torch}, {c.measured}; copy bandwidth, "
+                 f"matmul peak) from {path}")
     return replace(c, device=f"measured: {c.device}", memory_bytes=None, source=where)
 
 
