@@ -305,7 +305,7 @@ def comm_bytes_per_chip(m: ModelSpec, batch: int, chips: int, layout: str, beam:
         return allreduce
     per_layer = attn * r * m.n_heads * (m.d_k + m.d_v)                       # queries in, outputs out
     if m.n_kv_heads >= n:
-        per_layer += r * m.n_kv_heads * (m.d_k + m.d_v)                      # the new self K/V
+        per_layer += r * m.kv_values_per_position                              # the new self K/V
     return allreduce + m.decoder_layers * per_layer * e * (n - 1) / n ** 2
 
 
