@@ -6,8 +6,10 @@ beam search (exactly ``tgt_len`` steps, EOS ignored, per sentence output token a
 decoder-only models time the decoder step alone. Timings need no trained weights.
 
 Every time is the median of ``repeats`` runs (spread: min and max) after a warm-up; graph capture is
-excluded; CUDA events on a GPU, ``perf_counter`` on the CPU. Beside it: the roofline bound from
-:mod:`mqa_repro.roofline`, MBU and MFU, the key/value cache bytes, and the full provenance.
+excluded; CUDA events on a GPU, ``perf_counter`` on the CPU (``runtime.time_runs``). Beside it: the roofline
+bound from :mod:`mqa_repro.roofline`, MBU and MFU, the key/value cache bytes, and the full provenance. The
+device's ceilings are measured on the first run and cached (``roofline.ceilings``); later runs use the cached
+measurement and say so (file, device, date), ``--refresh-ceilings`` measures again.
 """
 from __future__ import annotations
 
