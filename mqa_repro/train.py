@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .model import BOS, EOS, PAD, Transformer, count_parameters
-from .provenance import manifest, sha256_file, write_json_atomic
+from .provenance import check_writable, manifest, sha256_file, write_json_atomic
 from .spec import Variant, spec_hash
 
 CHECKPOINT_FORMAT = 1
@@ -624,6 +624,9 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
     rdir, cdir = run_dir(variant, seed, out_root), checkpoint_dir(variant, seed, ckpt_root)
     ckpt_path = cdir / CHECKPOINT_NAME
     log_path = rdir / "train_log.jsonl"
+    if d.main:   # before any work: an unwritable results or checkpoint folder is one sentence now
+        check_writable(rdir, "dir", "run folder")
+        check_writable(cdir, "dir", "checkpoint folder")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
