@@ -589,8 +589,8 @@ def choose_source(plan: DataPlan, data_dir: Optional[Path], source: str, origin:
                         + ("" if d.hub else " (the spec has no data.hub section to download it from)"))
     have = ", ".join(sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")))
     from_ = f" (from {origin})" if origin else ""
-    raise UserError(f"the data folder {data_dir}{from_} has no corpus folder {d.corpus!r} (it has "
-                    f"{have or 'none'})" + ("; pass --source hub to download it from the datasets hub"
+    raise UserError(f"unknown corpus {d.corpus!r}: the data folder {data_dir}{from_} has no folder of that name "
+                    f"(it has {have or 'none'})" + ("; pass --source hub to download it from the datasets hub"
                                             if d.hub and source == "auto" else ""))
 
 
