@@ -422,6 +422,12 @@ def train_sentencepiece(lines: Sequence[str], plan: DataPlan) -> bytes:
             raise UserError(f"{plan.spec_path}: the training text supports at most {m.group(2)} subwords, fewer "
                             f"than model.vocab_size {m.group(1)}; lower it, add training text, or set "
                             f"data.spm_hard_vocab_limit: false") from None
+        m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
+        if m:
+            raise UserError(f"{plan.spec_path}: model.vocab_size ({m.group(1)}) is below the {m.group(2)} pieces "
+                            f"the training text needs (one per distinct character at data.spm_character_coverage "
+                            f"{d.spm_character_coverage}, plus the 4 special ids); raise model.vocab_size or lower "
+                            f"data.spm_character_coverage") from None
         raise UserError(f"SentencePiece could not train on the training text: {msg.splitlines()[0]}") from None
     return model.getvalue()
 

@@ -212,6 +212,14 @@ def test_empty_split(tmp_path, small):
     _fails(_spec_file(tmp_path, TINY, "s", corpus="m30k"), data, out, "dev split 'valid' .* has no usable lines")
 
 
+def test_a_vocabulary_smaller_than_the_alphabet_is_one_sentence(tmp_path, small):
+    """Issue 18.14: SentencePiece's "INTERNAL: trainer_interface.cc" becomes a sentence naming the key."""
+    data, _, out = small
+    spec = _spec_file(tmp_path, TINY, "s", corpus="m30k", vocab_size=10)
+    msg = _fails(spec, data, out, r"model.vocab_size \(10\) is below the \d+ pieces the training text needs")
+    assert "INTERNAL" not in msg and "data.spm_character_coverage" in msg
+
+
 def test_unknown_corpus(tmp_path, small):
     data, _, out = small
     spec = _spec_file(tmp_path, TINY, "s", corpus="multi31k")
