@@ -75,7 +75,41 @@ def default_config(variant, device: torch.device, **overrides) -> BenchConfig:
                       tgt_len=b.cpu_tgt_len if cpu else b.tgt_len,
                       beams=list(b.beams), repeats=b.repeats, dtype="fp32" if cpu else b.dtype, device=device.type,
                       train_tokens=b.cpu_train_tokens if cpu else b.train_tokens)
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    check_config(cfg, [variant])
+    return cfg
+
+
+def check_config(cfg: BenchConfig, variants: list = ()) -> None:
+    """Every number of the benchmark at the door, as a UserError naming its option: sizes, repeats, streams,
+    beams and sweep points positive, sweep points only with a sweep, lengths within each variant's
+    ``model.max_positions`` (default length-sweep points beyond it are skipped instead)."""
+    for name, x in (("--batch-size", cfg.batch), ("--src-len", cfg.src_len), ("--tgt-len", cfg.tgt_len),
+                    ("--repeats", cfg.repeats), ("--streams", cfg.streams),
+                    ("benchmark.train_tokens", cfg.train_tokens)):
+        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+            raise UserError(f"{name} must be a positive integer, got {x!r}")
+    if not cfg.beams or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in cfg.beams):
+        raise UserError(f"--beam must be positive integers, got {cfg.beams}")
+    if cfg.dtype not in TORCH_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(TORCH_DTYPES)}, got {cfg.dtype!r}")
+    if cfg.attention not in ("triton", "torch"):
+        raise UserError(f"--attention must be triton or torch, got {cfg.attention!r}")
+    if cfg.sweep not in (None, "batch", "length"):
+        raise UserError(f"--sweep must be batch or length, got {cfg.sweep!r}")
+    if cfg.sweep_values and cfg.sweep is None:
+        raise UserError("--sweep-value needs --sweep batch or --sweep length")
+    for x in cfg.sweep_values:
+        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+            raise UserError(f"--sweep-value must be a positive integer ({cfg.sweep}), got {x!r}")
+    for v in variants:
+        top = v.model.max_positions
+        if cfg.sweep is None and max(cfg.src_len, cfg.tgt_len) > top:
+            raise UserError(f"{v.source}: {v.name}: --src-len/--tgt-len ({cfg.src_len}/{cfg.tgt_len}) exceed "
+                            f"model.max_positions ({top})")
+        if cfg.sweep == "length" and cfg.sweep_values and max(cfg.sweep_values) > top:
+            raise UserError(f"{v.source}: {v.name}: --sweep-value {max(cfg.sweep_values)} exceeds "
+                            f"model.max_positions ({top})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,13 +190,15 @@ def random_tokens(batch: int, length: int, vocab: int, device, seed: int = 0) ->
 
 
 def load_checkpoint(path, spec_variants: list):
-    """(variant, state_dict) from a checkpoint file written by the trainer (or a bare state dict)."""
-    from .spec import Variant
+    """(variant, state_dict) from a checkpoint file written by the trainer (or a bare state dict).
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"{path}: cannot read the checkpoint ({e})") from None
+    Raises UserError naming the file when it is not a readable checkpoint (the same handling as
+    ``evaluate``), holds no weights, or holds weights that do not fit the variant's model.
+    """
+    from .spec import Variant
+    from .train import read_checkpoint_file
+
+    ckpt = read_checkpoint_file(path)
     state = ckpt
     variant = None
     if isinstance(ckpt, dict):
@@ -172,11 +208,22 @@ def load_checkpoint(path, spec_variants: list):
                 break
         spec_d = ckpt.get("spec") if isinstance(ckpt.get("spec"), dict) else None
         if spec_d and "model" in spec_d:
-            variant = Variant.from_dict(spec_d, source=str(path))
+            try:
+                variant = Variant.from_dict(spec_d, source=str(path))
+            except (UserError, KeyError, TypeError) as e:
+                raise UserError(f"{path}: the spec inside the checkpoint does not load ({e})") from None
+    if not (isinstance(state, dict) and state and all(isinstance(t, torch.Tensor) for t in state.values())):
+        raise UserError(f"{path} is not a checkpoint written by mqa-repro train (nor a state dict of weights)")
     if variant is None:
         if len(spec_variants) != 1:
             raise UserError(f"{path}: the checkpoint names no spec; pick its variant with one --variant")
         variant = spec_variants[0]
+    with torch.device("meta"):
+        model = Transformer(variant.model)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError:
+        raise UserError(f"{path}: the weights do not fit the model of variant {variant.name!r}") from None
     return variant, state
 
 
@@ -417,6 +464,7 @@ def hf_peer(variant, cfg: BenchConfig, device, ours_row_s: Optional[float]) -> d
 # --------------------------------------------------------------------------------------------------
 def run_bench(variants: list, cfg: BenchConfig, checkpoint_state=None, peer: Optional[str] = None,
               spec_path: str = "", log=print) -> dict:
+    check_config(cfg, variants)
     device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False

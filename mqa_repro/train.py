@@ -435,14 +435,21 @@ def save_checkpoint(path: Path, obj: dict) -> None:
             tmp.unlink()
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def read_checkpoint_file(path, map_location="cpu"):
+    """``torch.load`` of a checkpoint file, whatever it holds; a missing, truncated or foreign file is a
+    UserError naming it (shared by evaluate, decode-bench and uptrain)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        ck = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a truncated or foreign file
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    path = Path(path)
+    ck = read_checkpoint_file(path, map_location)
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT or "spec" not in ck:
         raise UserError(f"{path} is not a checkpoint written by mqa-repro train")
     return ck
