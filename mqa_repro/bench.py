@@ -138,6 +138,42 @@ def time_runs(fn, device: torch.device, repeats: int, before=None, warmup: int =
     return out
 
 
+# A row is *noisy* when its repeats spread widely: (max - min) / median above NOISY_SPREAD. The one rule for the
+# bench's table, JSON and CSV and the report's Table 2 (which applies it to older files too). 20%: on an idle
+# H100 / H200 the decoder rows spread by 1-5%, and a CPU shared with other jobs by 30% and more; a row beyond
+# 20% cannot carry a speed-up ratio of the size the paper reports (multi-head / multi-query ~1.3-10x).
+NOISY_SPREAD = 0.2
+
+
+def spread(row: dict) -> Optional[float]:
+    """(max - min) / median of a row's repeats (None when the row has not the numbers, or one repeat)."""
+    lo, hi, mid = (row.get(k) for k in ("us_per_token_min", "us_per_token_max", "us_per_token"))
+    if lo is None or hi is None or not mid:
+        lo, hi, mid = (row.get(k) for k in ("min_s", "max_s", "median_s"))
+    if lo is None or hi is None or not mid or (row.get("repeats") or 2) < 2:
+        return None
+    return (hi - lo) / mid
+
+
+def is_noisy(row: dict) -> bool:
+    """True when the row's repeats spread by more than NOISY_SPREAD of the median (see above)."""
+    s = spread(row)
+    return s is not None and s > NOISY_SPREAD
+
+
+def significant(x: Optional[float], digits: int = 3) -> str:
+    """``x`` with ``digits`` significant digits and no exponent: 0.0734 -> "0.0734", 3.354 -> "3.35",
+    989.4 -> "989", 1979 -> "1,979" (a CPU's 0.07 TFLOP/s is not "0")."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "?"
+    if x == 0:
+        return "0"
+    if abs(x) >= 10 ** (digits - 1) - 0.5:   # whole numbers keep every digit: 1979 stays "1,979"
+        return f"{x:,.0f}"
+    mag = math.floor(math.log10(abs(float(f"{x:.{digits - 1}e}"))))   # rounded first: 9.996 -> "10.0"
+    return f"{x:.{max(0, digits - 1 - mag)}f}"
+
+
 def _stats(times: list) -> dict:
     s = sorted(times)
     med = s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
@@ -165,6 +201,8 @@ def _row(variant, measure: str, beam: int, times: list, costs, ceil: rl.Ceilings
         "tokens": tokens, "dtype": cfg.dtype,
     }
     row.update(extra)
+    row["spread"] = spread(row)
+    row["noisy"] = is_noisy(row)
     return row
 
 
@@ -469,8 +507,8 @@ def run_bench(variants: list, cfg: BenchConfig, checkpoint_state=None, peer: Opt
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     ceil = rl.ceilings(device, cfg.dtype)
-    log(f"ceilings on {ceil.device}: {ceil.bandwidth_Bps / 1e12:.2f} TB/s copy, "
-        f"{ceil.peak_flops / 1e12:.1f} TFLOP/s {cfg.dtype} matmul")
+    log(f"ceilings on {ceil.device}: {significant(ceil.bandwidth_Bps / 1e12)} TB/s copy, "
+        f"{significant(ceil.peak_flops / 1e12)} TFLOP/s {cfg.dtype} matmul")
     rows, checks, peers = [], {}, []
     for v in variants:
         m = v.model
@@ -539,7 +577,10 @@ def summarize(rows: list) -> dict:
     decoder >= 4x, beam per hypothesis token <= 1.3x greedy)."""
     dec = {(r["variant"], r["beam"], r.get("sweep"), r["batch"], r["tgt_len"]): r for r in rows
            if r["measure"] == "decoder"}
-    out = {"greedy_x_bound": {}, "beam_per_hyp_over_greedy": {}}
+    out = {"greedy_x_bound": {}, "beam_per_hyp_over_greedy": {},
+           "noisy_rows": [f"{r['variant']} {r['measure']} beam {r['beam']} batch {r['batch']} len {r['tgt_len']}"
+                          for r in rows if is_noisy(r)],
+           "noisy_rule": f"(max - min) / median of the repeats > {NOISY_SPREAD}"}
     for (v, beam, sweep, batch, tl), r in dec.items():
         if sweep is not None:
             continue
@@ -561,7 +602,8 @@ def summarize(rows: list) -> dict:
 # --------------------------------------------------------------------------------------------------
 CSV_FIELDS = ["variant", "measure", "beam", "batch", "src_len", "tgt_len", "dtype", "us_per_token",
               "us_per_token_min", "us_per_token_max", "us_per_hyp_token", "bound_us_per_token", "x_bound",
-              "mbu", "mfu", "kv_cache_bytes", "kv_bytes_moved", "bytes", "flops", "median_s", "repeats", "sweep"]
+              "mbu", "mfu", "kv_cache_bytes", "kv_bytes_moved", "bytes", "flops", "median_s", "repeats", "sweep",
+              "spread", "noisy"]
 
 
 def to_csv(res: dict) -> str:
@@ -585,7 +627,7 @@ def table_rows(res: dict) -> list:
     for r in res["rows"]:
         name = r["measure"] if r["measure"] != "decoder" else ("greedy" if r["beam"] == 1 else f"beam {r['beam']}")
         out.append([r["variant"], name, str(r["batch"]), f"{r['src_len']}/{r['tgt_len']}",
-                    _fmt(r["us_per_token"], "{:.4g}"),
+                    _fmt(r["us_per_token"], "{:.4g}") + (" noisy" if is_noisy(r) else ""),
                     f"{_fmt(r['us_per_token_min'], '{:.4g}')}-{_fmt(r['us_per_token_max'], '{:.4g}')}",
                     _fmt(r["us_per_hyp_token"], "{:.4g}"), _fmt(r["bound_us_per_token"], "{:.4g}"),
                     _fmt(r["x_bound"], "{:.2f}"), _fmt(r["mbu"], "{:.0%}"), _fmt(r["mfu"], "{:.0%}"),

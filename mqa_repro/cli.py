@@ -373,8 +373,9 @@ def decode_bench(
     c = res["ceilings"]
     t = Table(title=f"decode-bench {s.name} on {c['device']} ({cfg.dtype})",
               caption=f"us per output token (time / batch / tgt_len, the paper's convention), median of "
-                      f"{cfg.repeats}; bound = roofline at {c['bandwidth_Bps'] / 1e12:.2f} TB/s, "
-                      f"{c['peak_flops'] / 1e12:.0f} TFLOP/s")
+                      f"{cfg.repeats}; bound = roofline at {bench.significant(c['bandwidth_Bps'] / 1e12)} TB/s, "
+                      f"{bench.significant(c['peak_flops'] / 1e12)} TFLOP/s; noisy: repeats spread by more "
+                      f"than {bench.NOISY_SPREAD:.0%} of the median")
     for col in bench.TABLE_COLUMNS:
         t.add_column(col, justify="left" if col in ("variant", "measure") else "right")
     for r in bench.table_rows(res):
@@ -387,6 +388,10 @@ def decode_bench(
         else:
             out.print(f"peer hf: {p.get('skipped') or p.get('error')}", highlight=False)
     summary = res["summary"]
+    if summary.get("noisy_rows"):
+        err.print(f"warning: {len(summary['noisy_rows'])} noisy rows (repeats spread by more than "
+                  f"{bench.NOISY_SPREAD:.0%} of the median; the machine was busy?): "
+                  f"{'; '.join(summary['noisy_rows'])}", highlight=False)
     if summary.get("multi_head_over_multi_query_decoder"):
         out.print(f"multi-head / multi-query greedy decoder: {summary['multi_head_over_multi_query_decoder']:.2f}x",
                   highlight=False)
