@@ -262,8 +262,9 @@ def test_a_malformed_bench_is_listed_with_the_reason(small_results, damage, reas
     j = _report_json(small_results)
     assert any(reason in r for r in _excluded(j, "table2.json")), j["excluded"]
     assert not [t for t in j["tables"] if t["key"].startswith(("table2_", "costmodel_"))]
-    r = cli("report", str(small_results), "--bootstrap", "0", cwd=ROOT)   # the CLI: a table, no traceback
-    assert r.returncode == 0 and "Traceback" not in r.stderr and "table2.json" in r.stdout
+    if damage == "truncate":   # the CLI once: the tables and the reason, no traceback
+        r = cli("report", str(small_results), "--bootstrap", "0", cwd=ROOT)
+        assert r.returncode == 0 and "Traceback" not in r.stderr and "table2.json`: unreadable JSON" in r.stdout
 
 
 def test_bootstrap_zero_computes_no_p(small_results, monkeypatch):
