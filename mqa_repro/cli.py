@@ -177,6 +177,8 @@ def train(
                         f"pick with --variant NAME or train them all with --all")
     if stop_after is not None and stop_after <= 0:
         raise UserError(f"--stop-after must be a positive step, got {stop_after}")
+    if seed is not None and seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {seed}")
     chosen = [apply_overrides(v, set_) for v in s.select(None if all_variants else variant)]
     main_rank = int(os.environ.get("RANK", "0")) == 0
     for v in chosen:
@@ -214,6 +216,8 @@ def uptrain(
     from .provenance import check_writable
     from .uptrain import uptrain_run
 
+    if seed is not None and seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {seed}")
     check_writable(out_root, "dir", "--out")
     check_writable(ckpt_root, "dir", "--checkpoints")
     r, target = uptrain_run(run_dir, kv_heads, method=method, fraction=fraction, steps=steps, seed=seed,

@@ -456,6 +456,9 @@ def _check_sections(v: Variant, path, key: str) -> None:
                         f"of data.max_len ({d.max_len}) tokens")
     if t.warmup_steps < 0:
         raise SpecError(path, f"{key}training.warmup_steps", "must not be negative")
+    for name, x in (("training.seed", t.seed), ("data.spm_seed", d.spm_seed)):
+        if x < 0:
+            raise SpecError(path, f"{key}{name}", f"must be 0 or more (a random generator seed), got {x}")
     if t.lr <= 0:
         raise SpecError(path, f"{key}training.lr", f"must be positive, got {t.lr}")
     if not 0.0 <= t.label_smoothing < 1.0:

@@ -133,3 +133,9 @@ def test_commands_refuse_unwritable_outputs_at_once(tmp_path):
 def test_evaluate_into_an_unwritable_run_folder():
     line = one_line_error(run("evaluate", "/proc/self"), "run folder /proc/self")   # read-only even for root
     assert "cannot write" in line
+
+
+def test_negative_seed_is_one_line_before_any_work(tmp_path):
+    one_line_error(run("train", str(EXPERIMENTS / "tiny.yaml"), "--variant", "multi_head", "--seed", "-1",
+                       "--out", str(tmp_path / "r"), "--checkpoints", str(tmp_path / "c")), "--seed")
+    assert list(tmp_path.iterdir()) == []

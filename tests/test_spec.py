@@ -244,3 +244,9 @@ def test_sentencepiece_minimum_is_what_the_spec_says():
     train(MIN_VOCAB_SIZE)
     with pytest.raises(RuntimeError):
         train(MIN_VOCAB_SIZE - 1)
+
+
+@pytest.mark.parametrize("keys", [("training", "seed"), ("data", "spm_seed")])
+def test_negative_seeds_are_refused_at_the_door(tmp_path, keys):
+    with pytest.raises(SpecError, match=rf"{'.'.join(keys)}: must be 0 or more .* got -1"):
+        load_spec(_write(tmp_path, _with(keys, -1)))
