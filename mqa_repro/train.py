@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import OutputError, UserError
 from .model import BOS, EOS, PAD, Transformer, count_parameters
-from .provenance import check_writable, manifest, sha256_file, write_json_atomic
+from .provenance import check_writable, describe_os_error, manifest, sha256_file, write_json_atomic
 from .spec import Variant, spec_hash
 
 CHECKPOINT_FORMAT = 1
@@ -430,6 +430,12 @@ def save_checkpoint(path: Path, obj: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:   # disk full, read-only: one sentence naming the checkpoint
+        raise OutputError(describe_os_error(e, path)) from None
+    except RuntimeError as e:   # torch's zip writer reports a failed write as a RuntimeError
+        if "write" not in str(e):
+            raise
+        raise OutputError(f"cannot write {path}: {str(e).splitlines()[0]}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -139,3 +139,23 @@ def test_negative_seed_is_one_line_before_any_work(tmp_path):
     one_line_error(run("train", str(EXPERIMENTS / "tiny.yaml"), "--variant", "multi_head", "--seed", "-1",
                        "--out", str(tmp_path / "r"), "--checkpoints", str(tmp_path / "c")), "--seed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
+    """The checkpoint's temporary file is /dev/full (a real ENOSPC from the kernel)."""
+    import builtins
+
+    import torch
+
+    from mqa_repro import train
+
+    real_open = builtins.open
+
+    def full_disk(path, *a, **k):
+        return real_open("/dev/full", "wb") if str(path).endswith(".tmp") else real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    with pytest.raises(OutputError, match=f"cannot write {tmp_path / 'last.pt'}: .*(No space|write)"):
+        train.save_checkpoint(tmp_path / "last.pt", {"w": torch.zeros(256, 256)})
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
