@@ -88,9 +88,9 @@ def prepare(
         "(default: $MQA_REPRO_DATA, else ../shared/data if it exists)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: data/<spec name>)."),
     source: DataSource = typer.Option(
-        DataSource.auto, "--source", help="auto: the corpus folder in the data directory if there is one, else "
-        "the datasets hub (the spec's data.hub); local: the data directory only; hub: download even when a "
-        "local copy exists."),
+        DataSource.auto, "--source", help="auto: the corpus folder in the data directory (an error if that "
+        "folder exists without it); the datasets hub (the spec's data.hub) only when no data directory exists, "
+        "saying so; local: the data directory only; hub: download even when a local copy exists."),
     force: bool = typer.Option(False, "--force", help="Prepare again even when the output is up to date."),
     format: TableFormat = typer.Option(TableFormat.table, "--format", "-f", help="table, or json (the manifest)."),
 ):
