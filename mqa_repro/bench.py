@@ -594,6 +594,7 @@ def summarize(rows: list) -> dict:
     mq = next((r for k, r in dec.items() if k[0] == "multi_query" and k[1] == 1 and k[2] is None), None)
     if mh and mq:
         out["multi_head_over_multi_query_decoder"] = mh["us_per_token"] / mq["us_per_token"]
+        out["multi_head_over_multi_query_decoder_noisy"] = is_noisy(mh) or is_noisy(mq)
     return out
 
 

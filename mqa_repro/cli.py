@@ -397,8 +397,9 @@ def decode_bench(
                   f"{bench.NOISY_SPREAD:.0%} of the median; the machine was busy?): "
                   f"{'; '.join(summary['noisy_rows'])}", highlight=False)
     if summary.get("multi_head_over_multi_query_decoder"):
-        out.print(f"multi-head / multi-query greedy decoder: {summary['multi_head_over_multi_query_decoder']:.2f}x",
-                  highlight=False)
+        out.print(f"multi-head / multi-query greedy decoder: {summary['multi_head_over_multi_query_decoder']:.2f}x"
+                  + (" (from noisy rows: not to be trusted)" if summary.get("multi_head_over_multi_query_decoder_noisy")
+                     else ""), highlight=False)
 
 
 # --------------------------------------------------------------------------------------------------

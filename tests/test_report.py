@@ -297,6 +297,10 @@ def test_noisy_rows_are_flagged_by_one_rule(small_results):
     assert bench.spread(loud) == pytest.approx(0.6) and bench.spread(row(9, 10, 11, repeats=1)) is None
     assert [c[4].endswith("noisy") for c in bench.table_rows({"rows": [quiet, loud]})] == [False, True]
     assert len(bench.summarize([quiet, loud])["noisy_rows"]) == 1
+    pair = bench.summarize([dict(quiet, variant="multi_head"), loud])
+    assert pair["multi_head_over_multi_query_decoder_noisy"] is True
+    calm = bench.summarize([dict(quiet, variant="multi_head"), quiet])
+    assert calm["multi_head_over_multi_query_decoder_noisy"] is False
     # the report applies the same rule to a stored benchmark (also to files written before the flag existed)
     p = small_results / "bench" / "table2.json"
     d = json.loads(p.read_text())
