@@ -68,12 +68,82 @@ def default_config(variant, device: torch.device, **overrides) -> BenchConfig:
                       tgt_len=b.cpu_tgt_len if cpu else b.tgt_len,
                       beams=list(b.beams), repeats=b.repeats, dtype="fp32" if cpu else b.dtype, device=device.type,
                       train_tokens=b.cpu_train_tokens if cpu else b.train_tokens)
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    check_config(cfg, [variant])
+    return cfg
+
+
+def check_config(cfg: BenchConfig, variants: list = ()) -> None:
+    """Every number of the benchmark at the door, as a UserError naming its option: sizes, repeats, streams,
+    beams and sweep points positive, sweep points only with a sweep, lengths within each variant's
+    ``model.max_positions`` (default length-sweep points beyond it are skipped instead)."""
+    for name, x in (("--batch-size", cfg.batch), ("--src-len", cfg.src_len), ("--tgt-len", cfg.tgt_len),
+                    ("--repeats", cfg.repeats), ("--streams", cfg.streams),
+                    ("benchmark.train_tokens", cfg.train_tokens)):
+        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+            raise UserError(f"{name} must be a positive integer, got {x!r}")
+    if not cfg.beams or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in cfg.beams):
+        raise UserError(f"--beam must be positive integers, got {cfg.beams}")
+    if cfg.dtype not in TORCH_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(TORCH_DTYPES)}, got {cfg.dtype!r}")
+    if cfg.attention not in ("triton", "torch"):
+        raise UserError(f"--attention must be triton or torch, got {cfg.attention!r}")
+    if cfg.sweep not in (None, "batch", "length"):
+        raise UserError(f"--sweep must be batch or length, got {cfg.sweep!r}")
+    if cfg.sweep_values and cfg.sweep is None:
+        raise UserError("--sweep-value needs --sweep batch or --sweep length")
+    for x in cfg.sweep_values:
+        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+            raise UserError(f"--sweep-value must be a positive integer ({cfg.sweep}), got {x!r}")
+    for v in variants:
+        top = v.model.max_positions
+        if cfg.sweep is None and max(cfg.src_len, cfg.tgt_len) > top:
+            raise UserError(f"{v.source}: {v.name}: --src-len/--tgt-len ({cfg.src_len}/{cfg.tgt_len}) exceed "
+                            f"model.max_positions ({top})")
+        if cfg.sweep == "length" and cfg.sweep_values and max(cfg.sweep_values) > top:
+            raise UserError(f"{v.source}: {v.name}: --sweep-value {max(cfg.sweep_values)} exceeds "
+                            f"model.max_positions ({top})")
 
 
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
+# A row is *noisy* when its repeats spread widely: (max - min) / median above NOISY_SPREAD. The one rule for the
+# bench's table, JSON and CSV and the report's Table 2 (which applies it to older files too). 20%: on an idle
+# H100 / H200 the decoder rows spread by 1-5%, and a CPU shared with other jobs by 30% and more; a row beyond
+# 20% cannot carry a speed-up ratio of the size the paper reports (multi-head / multi-query ~1.3-10x).
+NOISY_SPREAD = 0.2
+
+
+def spread(row: dict) -> Optional[float]:
+    """(max - min) / median of a row's repeats (None when the row has not the numbers, or one repeat)."""
+    lo, hi, mid = (row.get(k) for k in ("us_per_token_min", "us_per_token_max", "us_per_token"))
+    if lo is None or hi is None or not mid:
+        lo, hi, mid = (row.get(k) for k in ("min_s", "max_s", "median_s"))
+    if lo is None or hi is None or not mid or (row.get("repeats") or 2) < 2:
+        return None
+    return (hi - lo) / mid
+
+
+def is_noisy(row: dict) -> bool:
+    """True when the row's repeats spread by more than NOISY_SPREAD of the median (see above)."""
+    s = spread(row)
+    return s is not None and s > NOISY_SPREAD
+
+
+def significant(x: Optional[float], digits: int = 3) -> str:
+    """``x`` with ``digits`` significant digits and no exponent: 0.0734 -> "0.0734", 3.354 -> "3.35",
+    989.4 -> "989", 1979 -> "1,979" (a CPU's 0.07 TFLOP/s is not "0")."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "?"
+    if x == 0:
+        return "0"
+    if abs(x) >= 10 ** (digits - 1) - 0.5:   # whole numbers keep every digit: 1979 stays "1,979"
+        return f"{x:,.0f}"
+    mag = math.floor(math.log10(abs(float(f"{x:.{digits - 1}e}"))))   # rounded first: 9.996 -> "10.0"
+    return f"{x:.{max(0, digits - 1 - mag)}f}"
+
+
 def _stats(times: list) -> dict:
     return {"median_s": median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times),
             "times_s": times}
@@ -100,6 +170,8 @@ def _row(variant, measure: str, beam: int, times: list, costs, ceil: rl.Ceilings
         "tokens": tokens, "dtype": cfg.dtype,
     }
     row.update(extra)
+    row["spread"] = spread(row)
+    row["noisy"] = is_noisy(row)
     return row
 
 
@@ -125,13 +197,15 @@ def random_tokens(batch: int, length: int, vocab: int, device, seed: int = 0) ->
 
 
 def load_checkpoint(path, spec_variants: list):
-    """(variant, state_dict) from a checkpoint file written by the trainer (or a bare state dict)."""
-    from .spec import Variant
+    """(variant, state_dict) from a checkpoint file written by the trainer (or a bare state dict).
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"{path}: cannot read the checkpoint ({e})") from None
+    Raises UserError naming the file when it is not a readable checkpoint (the same handling as
+    ``evaluate``), holds no weights, or holds weights that do not fit the variant's model.
+    """
+    from .spec import Variant
+    from .train import read_checkpoint_file
+
+    ckpt = read_checkpoint_file(path)
     state = ckpt
     variant = None
     if isinstance(ckpt, dict):
@@ -141,11 +215,22 @@ def load_checkpoint(path, spec_variants: list):
                 break
         spec_d = ckpt.get("spec") if isinstance(ckpt.get("spec"), dict) else None
         if spec_d and "model" in spec_d:
-            variant = Variant.from_dict(spec_d, source=str(path))
+            try:
+                variant = Variant.from_dict(spec_d, source=str(path))
+            except (UserError, KeyError, TypeError) as e:
+                raise UserError(f"{path}: the spec inside the checkpoint does not load ({e})") from None
+    if not (isinstance(state, dict) and state and all(isinstance(t, torch.Tensor) for t in state.values())):
+        raise UserError(f"{path} is not a checkpoint written by mqa-repro train (nor a state dict of weights)")
     if variant is None:
         if len(spec_variants) != 1:
             raise UserError(f"{path}: the checkpoint names no spec; pick its variant with one --variant")
         variant = spec_variants[0]
+    with torch.device("meta"):
+        model = Transformer(variant.model)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError:
+        raise UserError(f"{path}: the weights do not fit the model of variant {variant.name!r}") from None
     return variant, state
 
 
@@ -382,12 +467,13 @@ def run_bench(variants: list, cfg: BenchConfig, checkpoint_state=None, peer: Opt
     """Every row of the benchmark for ``variants`` (the module docstring). The device's ceilings come from the
     cache (roofline.ceilings: one line names the file and measurement) unless ``refresh_ceilings`` or none is
     cached for this device, torch version and dtype: then they are measured and cached."""
+    check_config(cfg, variants)
     device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     ceil = rl.ceilings(device, cfg.dtype, refresh=refresh_ceilings, log=log)
-    log(f"ceilings on {ceil.device}: {ceil.bandwidth_Bps / 1e12:.2f} TB/s copy, "
-        f"{ceil.peak_flops / 1e12:.1f} TFLOP/s {cfg.dtype} matmul")
+    log(f"ceilings on {ceil.device}: {significant(ceil.bandwidth_Bps / 1e12)} TB/s copy, "
+        f"{significant(ceil.peak_flops / 1e12)} TFLOP/s {cfg.dtype} matmul")
     rows, checks, peers = [], {}, []
     for v in variants:
         m = v.model
@@ -456,7 +542,10 @@ def summarize(rows: list) -> dict:
     decoder >= 4x, beam per hypothesis token <= 1.3x greedy)."""
     dec = {(r["variant"], r["beam"], r.get("sweep"), r["batch"], r["tgt_len"]): r for r in rows
            if r["measure"] == "decoder"}
-    out = {"greedy_x_bound": {}, "beam_per_hyp_over_greedy": {}}
+    out = {"greedy_x_bound": {}, "beam_per_hyp_over_greedy": {},
+           "noisy_rows": [f"{r['variant']} {r['measure']} beam {r['beam']} batch {r['batch']} len {r['tgt_len']}"
+                          for r in rows if is_noisy(r)],
+           "noisy_rule": f"(max - min) / median of the repeats > {NOISY_SPREAD}"}
     for (v, beam, sweep, batch, tl), r in dec.items():
         if sweep is not None:
             continue
@@ -470,6 +559,7 @@ def summarize(rows: list) -> dict:
     mq = next((r for k, r in dec.items() if k[0] == "multi_query" and k[1] == 1 and k[2] is None), None)
     if mh and mq:
         out["multi_head_over_multi_query_decoder"] = mh["us_per_token"] / mq["us_per_token"]
+        out["multi_head_over_multi_query_decoder_noisy"] = is_noisy(mh) or is_noisy(mq)
     return out
 
 
@@ -478,7 +568,8 @@ def summarize(rows: list) -> dict:
 # --------------------------------------------------------------------------------------------------
 CSV_FIELDS = ["variant", "measure", "beam", "batch", "src_len", "tgt_len", "dtype", "us_per_token",
               "us_per_token_min", "us_per_token_max", "us_per_hyp_token", "bound_us_per_token", "x_bound",
-              "mbu", "mfu", "kv_cache_bytes", "kv_bytes_moved", "bytes", "flops", "median_s", "repeats", "sweep"]
+              "mbu", "mfu", "kv_cache_bytes", "kv_bytes_moved", "bytes", "flops", "median_s", "repeats", "sweep",
+              "spread", "noisy"]
 
 
 def to_csv(res: dict) -> str:
@@ -502,7 +593,7 @@ def table_rows(res: dict) -> list:
     for r in res["rows"]:
         name = r["measure"] if r["measure"] != "decoder" else ("greedy" if r["beam"] == 1 else f"beam {r['beam']}")
         out.append([r["variant"], name, str(r["batch"]), f"{r['src_len']}/{r['tgt_len']}",
-                    _fmt(r["us_per_token"], "{:.4g}"),
+                    _fmt(r["us_per_token"], "{:.4g}") + (" noisy" if is_noisy(r) else ""),
                     f"{_fmt(r['us_per_token_min'], '{:.4g}')}-{_fmt(r['us_per_token_max'], '{:.4g}')}",
                     _fmt(r["us_per_hyp_token"], "{:.4g}"), _fmt(r["bound_us_per_token"], "{:.4g}"),
                     _fmt(r["x_bound"], "{:.2f}"), _fmt(r["mbu"], "{:.0%}"), _fmt(r["mfu"], "{:.0%}"),

@@ -88,9 +88,9 @@ def prepare(
         "(default: $MQA_REPRO_DATA, else ../shared/data if it exists)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: data/<spec name>)."),
     source: DataSource = typer.Option(
-        DataSource.auto, "--source", help="auto: the corpus folder in the data directory if there is one, else "
-        "the datasets hub (the spec's data.hub); local: the data directory only; hub: download even when a "
-        "local copy exists."),
+        DataSource.auto, "--source", help="auto: the corpus folder in the data directory (an error if that "
+        "folder exists without it); the datasets hub (the spec's data.hub) only when no data directory exists, "
+        "saying so; local: the data directory only; hub: download even when a local copy exists."),
     force: bool = typer.Option(False, "--force", help="Prepare again even when the output is up to date."),
     format: TableFormat = typer.Option(TableFormat.table, "--format", "-f", help="table, or json (the manifest)."),
 ):
@@ -98,14 +98,19 @@ def prepare(
     arrays with offsets per split and side, the raw dev/test text, and manifest.json (sha256 of every source
     file, counts, hashes). Re-running with unchanged sources and data section does nothing."""
     from .data import prepare as prepare_data
+    from .provenance import check_writable
     from .spec import load_spec
 
+    if out_dir is not None:
+        check_writable(out_dir, "dir", "--out")
     r = prepare_data(load_spec(spec), data_dir=data_dir, out=out_dir, source=source.value, force=force)
     m = r.manifest
     if format == TableFormat.json:
         print(json.dumps({"path": str(r.path), "up_to_date": r.up_to_date, "manifest": m}, indent=2))
         return
     if r.up_to_date:
+        for note in r.notes:
+            err.print(note, highlight=False)
         out.print(f"{r.path} is up to date (same sources and data section); nothing to do "
                   f"({r.seconds:.2f} s; --force prepares again).", highlight=False)
         return
@@ -158,10 +163,13 @@ def train(
     `torchrun --nproc_per_node=N -m mqa_repro train ...` trains with DDP at the same global batch."""
     import os
 
+    from .provenance import check_writable
     from .spec import apply_overrides, load_spec
     from .train import train_variant
 
     s = load_spec(spec)
+    check_writable(out_root, "dir", "--out")
+    check_writable(ckpt_root, "dir", "--checkpoints")
     if all_variants and variant:
         raise UserError("pass either --variant NAME ... or --all, not both")
     if not all_variants and not variant and len(s.variants) > 1:
@@ -169,6 +177,8 @@ def train(
                         f"pick with --variant NAME or train them all with --all")
     if stop_after is not None and stop_after <= 0:
         raise UserError(f"--stop-after must be a positive step, got {stop_after}")
+    if seed is not None and seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {seed}")
     chosen = [apply_overrides(v, set_) for v in s.select(None if all_variants else variant)]
     main_rank = int(os.environ.get("RANK", "0")) == 0
     for v in chosen:
@@ -203,8 +213,13 @@ def uptrain(
     the key and value heads of each group, in every attention layer) and continue training it for a fraction
     of the original steps, with a short schedule of the source's kind and peak learning rate. The result is
     a run like any other: evaluate it with `mqa-repro evaluate`; `report` shows it in Table 1."""
+    from .provenance import check_writable
     from .uptrain import uptrain_run
 
+    if seed is not None and seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {seed}")
+    check_writable(out_root, "dir", "--out")
+    check_writable(ckpt_root, "dir", "--checkpoints")
     r, target = uptrain_run(run_dir, kv_heads, method=method, fraction=fraction, steps=steps, seed=seed,
                             device=device.value, resume=resume, out_root=out_root, checkpoint_root=ckpt_root,
                             data=data)
@@ -236,7 +251,10 @@ def evaluate(
     BLEU (intl and 13a, with signatures) greedy on dev and beam 1 / beam 4 on each test set; LMs: perplexity
     per subword and per word. Writes metrics.json, hyp.<split>.beam<k>.txt, ref.<split>.txt, manifest.json."""
     from .evaluate import evaluate_run
+    from .provenance import check_writable
 
+    if run_dir.is_dir():
+        check_writable(run_dir, "dir", "run folder")
     if beam and any(k < 1 for k in beam):
         raise UserError(f"--beam must be a positive integer, got {min(beam)}")
     if batch_size is not None and batch_size < 1:
@@ -313,12 +331,14 @@ def decode_bench(
     """Table 2 on this device: training, encoder and decoder (greedy, beam) microseconds per output token for
     each variant, beside the roofline bound, MBU, MFU and KV-cache bytes; CUDA graphs on a GPU."""
     from . import bench
-    from .provenance import write_json_atomic
+    from .provenance import check_writable, write_json_atomic, write_text_atomic
     from .runtime import resolve_device
     from .spec import load_spec
 
     s = load_spec(spec)
     variants = s.select(variant)
+    if out_file is not None:
+        check_writable(out_file, "file", "--out")
     state = None
     if checkpoint is not None:
         v, state = bench.load_checkpoint(checkpoint, variants)
@@ -349,8 +369,7 @@ def decode_bench(
                           log=lambda msg: err.print(msg, highlight=False), refresh_ceilings=refresh_ceilings)
     if out_file is not None:
         if out_file.suffix == ".csv":
-            out_file.parent.mkdir(parents=True, exist_ok=True)
-            out_file.write_text(bench.to_csv(res))
+            write_text_atomic(out_file, bench.to_csv(res))
         else:
             write_json_atomic(out_file, res)
     if format == BenchFormat.json:
@@ -362,8 +381,9 @@ def decode_bench(
     c = res["ceilings"]
     t = Table(title=f"decode-bench {s.name} on {c['device']} ({cfg.dtype})",
               caption=f"us per output token (time / batch / tgt_len, the paper's convention), median of "
-                      f"{cfg.repeats}; bound = roofline at {c['bandwidth_Bps'] / 1e12:.2f} TB/s, "
-                      f"{c['peak_flops'] / 1e12:.0f} TFLOP/s")
+                      f"{cfg.repeats}; bound = roofline at {bench.significant(c['bandwidth_Bps'] / 1e12)} TB/s, "
+                      f"{bench.significant(c['peak_flops'] / 1e12)} TFLOP/s; noisy: repeats spread by more "
+                      f"than {bench.NOISY_SPREAD:.0%} of the median")
     for col in bench.TABLE_COLUMNS:
         t.add_column(col, justify="left" if col in ("variant", "measure") else "right")
     for r in bench.table_rows(res):
@@ -376,9 +396,14 @@ def decode_bench(
         else:
             out.print(f"peer hf: {p.get('skipped') or p.get('error')}", highlight=False)
     summary = res["summary"]
+    if summary.get("noisy_rows"):
+        err.print(f"warning: {len(summary['noisy_rows'])} noisy rows (repeats spread by more than "
+                  f"{bench.NOISY_SPREAD:.0%} of the median; the machine was busy?): "
+                  f"{'; '.join(summary['noisy_rows'])}", highlight=False)
     if summary.get("multi_head_over_multi_query_decoder"):
-        out.print(f"multi-head / multi-query greedy decoder: {summary['multi_head_over_multi_query_decoder']:.2f}x",
-                  highlight=False)
+        out.print(f"multi-head / multi-query greedy decoder: {summary['multi_head_over_multi_query_decoder']:.2f}x"
+                  + (" (from noisy rows: not to be trusted)" if summary.get("multi_head_over_multi_query_decoder_noisy")
+                     else ""), highlight=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,11 +440,13 @@ def cost_model(
     K/V cache memory and the largest batch / context that fit, the paper's memory-to-arithmetic ratios, and
     on several chips the K/V cache sharded over heads versus over the batch."""
     from . import costmodel as cm
-    from .provenance import write_json_atomic
+    from .provenance import check_writable, write_json_atomic
     from .spec import load_spec
 
     s = load_spec(spec)
     variants = s.select(variant)
+    if out_file is not None:
+        check_writable(out_file, "file", "--out")
     for name, xs in (("--batch", batch), ("--context", context), ("--beam", [beam]), ("--chips", [chips])):
         if xs and min(xs) < 1:
             raise UserError(f"{name} must be positive, got {min(xs)}")
@@ -488,14 +515,18 @@ def report(
     prediction beside each measurement, Table 3 for language models, and two GPUs against one where a
     multi-GPU summary exists. Runs are read from RESULTS_DIR/<spec>/<variant>/seed<N>/. Missing numbers show
     as missing; runs of mismatched specs are listed, never averaged in."""
+    from .provenance import check_writable, write_text_atomic
     from .report import report as make_report
 
     if bootstrap < 0:
         raise UserError(f"--bootstrap must be 0 or more, got {bootstrap}")
+    if out_file is not None:
+        check_writable(out_file, "file", "--out")
+    if plots is not None:
+        check_writable(plots, "dir", "--plots")
     text, written = make_report(results_dir, format.value, plots, bootstrap, notes)
     if out_file is not None:
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        out_file.write_text(text, encoding="utf-8")
+        write_text_atomic(out_file, text)
         err.print(f"wrote {out_file}" + (f" and {len(written)} plots in {plots}" if written else ""), highlight=False)
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -522,9 +553,12 @@ def run(
     device, and print the report. Stages whose outputs are complete for the same inputs are skipped, so an
     interrupted run picks up where it stopped (training resumes from its checkpoint)."""
     from .pipeline import parse_stages, run_pipeline
+    from .provenance import check_writable
     from .spec import load_spec
 
     s = load_spec(spec)
+    check_writable(results_dir, "dir", "--results")
+    check_writable(ckpt_root, "dir", "--checkpoints")
     text = run_pipeline(s, stages=parse_stages(stages), variants=variant, seeds=seeds, jobs=jobs,
                         device=device.value, data_dir=data_dir, results=results_dir, checkpoints=ckpt_root,
                         say=lambda msg: err.print(f"[bold]run[/]: {msg}", highlight=False))
@@ -539,6 +573,11 @@ def main() -> None:
     except UserError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as e:   # a file-system failure nobody turned into a sentence: still one line, no traceback
+        from .provenance import describe_os_error
+
+        err.print(f"[bold red]error:[/] {describe_os_error(e)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

@@ -40,7 +40,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from .errors import UserError
-from .provenance import sha256_file
+from .provenance import check_writable, sha256_file
 from .runtime import Progress
 from .spec import DataSpec, Spec, Variant, load_spec, spec_hash
 
@@ -60,21 +60,35 @@ def prepared_dir(variant: Union[Variant, Spec, str]) -> Path:
     return Path("data") / name
 
 
-def resolve_data_dir(data_dir: Optional[Union[str, Path]] = None) -> Optional[Path]:
-    """``--data-dir``, else ``$MQA_REPRO_DATA``, else ``../shared/data`` if it exists, else None."""
+DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
+
+
+def locate_data_dir(data_dir: Optional[Union[str, Path]] = None) -> tuple[Optional[Path], str]:
+    """(local data folder or None, where it was configured): ``--data-dir``, else ``$MQA_REPRO_DATA``, else
+    ``../shared/data`` relative to the current folder when that exists.
+
+    A folder configured explicitly (``--data-dir``, ``$MQA_REPRO_DATA``) that does not exist is a
+    UserError naming it; a missing default gives (None, description of the default).
+    """
     if data_dir is not None:
         d = Path(data_dir)
         if not d.is_dir():
-            raise UserError(f"data directory {d} does not exist")
-        return d
+            raise UserError(f"data directory {d} (from --data-dir) does not exist")
+        return d, "--data-dir"
     env = os.environ.get(ENV_DATA)
     if env:
         d = Path(env)
         if not d.is_dir():
             raise UserError(f"data directory {d} (from ${ENV_DATA}) does not exist")
-        return d
-    d = Path("..") / "shared" / "data"
-    return d if d.is_dir() else None
+        return d, f"${ENV_DATA}"
+    d = DEFAULT_DATA_DIR
+    where = f"the default {d} in {Path.cwd()}"
+    return (d, where) if d.is_dir() else (None, where)
+
+
+def resolve_data_dir(data_dir: Optional[Union[str, Path]] = None) -> Optional[Path]:
+    """``--data-dir``, else ``$MQA_REPRO_DATA``, else ``../shared/data`` if it exists, else None."""
+    return locate_data_dir(data_dir)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,6 +351,12 @@ def train_sentencepiece(lines: Sequence[str], plan: DataPlan) -> bytes:
             raise UserError(f"{plan.spec_path}: the training text supports at most {m.group(2)} subwords, fewer "
                             f"than model.vocab_size {m.group(1)}; lower it, add training text, or set "
                             f"data.spm_hard_vocab_limit: false") from None
+        m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
+        if m:
+            raise UserError(f"{plan.spec_path}: model.vocab_size ({m.group(1)}) is below the {m.group(2)} pieces "
+                            f"the training text needs (one per distinct character at data.spm_character_coverage "
+                            f"{d.spm_character_coverage}, plus the 4 special ids); raise model.vocab_size or lower "
+                            f"data.spm_character_coverage") from None
         raise UserError(f"SentencePiece could not train on the training text: {msg.splitlines()[0]}") from None
     return model.getvalue()
 
@@ -463,10 +483,18 @@ class PrepareResult:
     up_to_date: bool          # True: nothing was done
     manifest: dict
     seconds: float = 0.0
+    notes: list = field(default_factory=list)   # one line each, e.g. why the hub was used
 
 
-def choose_source(plan: DataPlan, data_dir: Optional[Path], source: str) -> tuple[str, Optional[Path]]:
-    """("local", corpus folder) or ("hub", None), following ``--source``."""
+def choose_source(plan: DataPlan, data_dir: Optional[Path], source: str, origin: str = "",
+                  say: Optional[Callable[[str], None]] = None) -> tuple[str, Optional[Path]]:
+    """("local", corpus folder) or ("hub", None), following ``--source``.
+
+    ``data_dir`` is the local data folder (None: none configured and the default does not exist), ``origin``
+    where it came from. With ``auto``, a configured folder that lacks the corpus is an error naming both (no
+    silent download); the hub is used only when asked (``hub``) or when no local folder exists at all, and
+    then ``say`` is told so in one line.
+    """
     if source not in SOURCES:
         raise UserError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
     d = plan.data
@@ -477,14 +505,20 @@ def choose_source(plan: DataPlan, data_dir: Optional[Path], source: str) -> tupl
     corpus_dir = data_dir / d.corpus if data_dir is not None else None
     if corpus_dir is not None and corpus_dir.is_dir():
         return "local", corpus_dir
-    if source == "auto" and d.hub is not None:
-        return "hub", None
     if data_dir is None:
-        raise UserError(f"no local data directory for corpus {d.corpus!r} (give --data-dir or set ${ENV_DATA})"
-                        + ("" if d.hub else " and the spec has no data.hub section to download it from"))
+        if source == "auto" and d.hub is not None:
+            if say is not None:
+                say(f"no local data folder ({origin or 'none configured'} does not exist; set --data-dir or "
+                    f"${ENV_DATA}), so corpus {d.corpus!r} comes from the datasets hub ({d.hub.path})")
+            return "hub", None
+        raise UserError(f"no local data folder for corpus {d.corpus!r}: {origin or 'none configured'} does not "
+                        f"exist; give --data-dir or set ${ENV_DATA}"
+                        + ("" if d.hub else " (the spec has no data.hub section to download it from)"))
     have = ", ".join(sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")))
-    raise UserError(f"unknown corpus {d.corpus!r}: {data_dir} has no folder of that name (it has {have or 'none'})"
-                    + ("" if d.hub or source == "local" else " and the spec has no data.hub section"))
+    from_ = f" (from {origin})" if origin else ""
+    raise UserError(f"unknown corpus {d.corpus!r}: the data folder {data_dir}{from_} has no folder of that name "
+                    f"(it has {have or 'none'})" + ("; pass --source hub to download it from the datasets hub"
+                                            if d.hub and source == "auto" else ""))
 
 
 def prepare(spec: Union[Spec, str, Path], *, data_dir: Optional[Union[str, Path]] = None,
@@ -494,9 +528,12 @@ def prepare(spec: Union[Spec, str, Path], *, data_dir: Optional[Union[str, Path]
     t0 = time.perf_counter()
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     plan = plan_for(spec)
-    kind, corpus_dir = choose_source(plan, resolve_data_dir(data_dir) if source != "hub" else None, source)
+    local, origin = locate_data_dir(data_dir) if source != "hub" else (None, "")
+    notes: list = []
+    kind, corpus_dir = choose_source(plan, local, source, origin, say=notes.append)
     roles = _roles(plan, kind)
     out = Path(out) if out is not None else prepared_dir(spec)
+    check_writable(out, "dir", "prepared-data folder")
     if kind == "local":
         src_record = {"kind": "local", "data_dir": str(corpus_dir.resolve().parent), "corpus": plan.data.corpus}
         inputs = _local_inputs(corpus_dir, plan, roles)
@@ -505,10 +542,11 @@ def prepare(spec: Union[Spec, str, Path], *, data_dir: Optional[Union[str, Path]
         inputs = []
     if not force and _up_to_date(out, plan, src_record, inputs):
         manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-        return PrepareResult(out, True, manifest, time.perf_counter() - t0)
+        return PrepareResult(out, True, manifest, time.perf_counter() - t0, notes)
     if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not a prepared-data folder (no manifest.json); choose another --out")
 
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]   # removed again on failure
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
@@ -516,14 +554,30 @@ def prepare(spec: Union[Spec, str, Path], *, data_dir: Optional[Union[str, Path]
     os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it private; the result should look like any folder
     try:
         with Progress("prepare", enabled=progress) as steps:
-            manifest = _prepare_into(tmp, plan, roles, kind, corpus_dir, src_record, steps)
+            for note in notes:
+                steps.log(note)
+            try:
+                manifest = _prepare_into(tmp, plan, roles, kind, corpus_dir, src_record, steps)
+            except UserError as e:
+                if notes:   # the hub was a fallback: say why it was tried
+                    raise UserError(f"{e}; the hub was tried because there is {notes[0].split(', so ')[0]}") \
+                        from None
+                raise
             manifest["seconds"] = round(time.perf_counter() - t0, 2)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
         _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:   # innermost first: never leave an empty data/ behind
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return PrepareResult(out, False, manifest, time.perf_counter() - t0)
+    return PrepareResult(out, False, manifest, time.perf_counter() - t0, notes)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

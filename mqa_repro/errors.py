@@ -15,3 +15,11 @@ class SpecError(UserError):
         self.path, self.key = str(path), key
         where = f"{self.path}: {key}" if key else self.path
         super().__init__(f"{where}: {message}")
+
+
+class OutputError(UserError, OSError):
+    """An output path that cannot be written (missing parent, a file in the way, read-only, disk full).
+
+    A UserError (the CLI prints one line, exit 2) and still an OSError, so that callers that tolerate
+    an unwritable optional file (a cache) keep doing so.
+    """

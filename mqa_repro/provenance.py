@@ -77,20 +77,88 @@ def sha256_file(path, chunk=1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path, obj) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def describe_os_error(e: OSError, path=None) -> str:
+    """One sentence for a file-system error: "cannot write PATH: reason" for an output ``path``, else
+    "FILE: reason" with the file the error names."""
+    what = e.strerror or str(e) or type(e).__name__
+    if path is not None:
+        return f"cannot write {path}: {what}"
+    return f"{e.filename}: {what}" if e.filename else f"file-system error: {what}"
+
+
+def check_writable(path, kind: str = "dir", what: str = "") -> Path:
+    """Fail early, before long work, when ``path`` cannot be written: a folder (``kind="dir"``, created later
+    with its parents) or a file (``kind="file"``, its folder created later). Creates nothing.
+
+    The nearest existing ancestor must be a folder in which a file can be created (probed with a
+    temporary file, so read-only mounts and special file systems count as what they are, even for root);
+    an existing ``path`` must be a folder (``dir``) or not a folder (``file``).
+    Raises OutputError (a UserError) naming ``what`` (e.g. "--out") and the path. Returns ``Path(path)``.
+    """
+    from .errors import OutputError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    label = f"{what} {path}" if what else str(path)
+    if path.exists() or path.is_symlink():
+        if kind == "dir" and not path.is_dir():
+            raise OutputError(f"{label}: a file is in the way where a folder should be written")
+        if kind == "file" and path.is_dir():
+            raise OutputError(f"{label} is a folder; give a file name")
+    probe_dir = path if (kind == "dir" and path.is_dir()) else path.parent
+    anc = probe_dir
+    while not (anc.exists() or anc.is_symlink()):
+        if anc.parent == anc:
+            break
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"{label}: cannot create it because {anc} is a file, not a folder")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
+        fd, tmp = tempfile.mkstemp(prefix=".mqa-repro-write-check.", dir=anc)
+    except OSError as e:
+        raise OutputError(f"{label}: cannot write in {anc} ({e.strerror or type(e).__name__})") from None
+    os.close(fd)
+    os.unlink(tmp)
+    return path
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` (UTF-8) to a temporary file beside ``path`` and rename it into place.
+
+    The file ends with the mode an ordinary ``open(path, "w")`` would give (0666 less the umask), not
+    ``mkstemp``'s private 0600. A file-system error (no space, read-only, a file in the way) raises
+    OutputError (a UserError and an OSError) naming ``path`` and leaves neither a partial file nor the
+    temporary one behind; missing parent folders are created.
+    """
+    from .errors import OutputError
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise OutputError(describe_os_error(e, path)) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(describe_os_error(e, path)) from None
         raise
+
+
+def write_json_atomic(path, obj) -> None:
+    """``obj`` as indented JSON through :func:`write_text_atomic` (same mode, same errors)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def manifest(variant=None, seed=None, device=None, **extra) -> dict:

@@ -24,6 +24,7 @@ from .spec import Variant, kv_cache_bytes
 from .names import METHODS, parse_uptrain_name
 
 MISSING = "–"
+NOT_COMPUTED = "not computed"   # a p-value the report was told not to compute (--bootstrap 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,6 +60,67 @@ def _load_json(path: Path):
         return e
 
 
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _metrics_problem(m) -> Optional[str]:
+    """Why a metrics.json cannot be read as ``evaluate`` writes it (None: it can)."""
+    if not isinstance(m, dict):
+        return f"metrics.json holds a JSON {type(m).__name__}, not an object"
+    bleu = m.get("bleu", [])
+    if not isinstance(bleu, list):
+        return "metrics.json: 'bleu' is not a list"
+    for i, b in enumerate(bleu):
+        if not isinstance(b, dict):
+            return f"metrics.json: BLEU entry {i + 1} is not an object"
+        lacking = [k for k in ("split", "beam", "tokenizer", "score") if k not in b]
+        if lacking:
+            return f"metrics.json: BLEU entry {i + 1} lacks {', '.join(lacking)}"
+        if not _is_num(b["score"]) or not _is_num(b["beam"]):
+            return f"metrics.json: BLEU entry {i + 1} has a score or beam that is not a number"
+    ppl = m.get("perplexity", {})
+    if not isinstance(ppl, dict):
+        return "metrics.json: 'perplexity' is not an object"
+    for split, p in ppl.items():
+        if not isinstance(p, dict):
+            return f"metrics.json: perplexity of {split!r} is not an object"
+        bad = [k for k in ("ln_ppl_per_subword", "ppl_per_subword", "ppl_per_word") if k in p and not _is_num(p[k])]
+        if bad:
+            return f"metrics.json: perplexity of {split!r} has {bad[0]} that is not a number"
+    return None
+
+
+_BENCH_ROW_KEYS = ("variant", "measure", "beam", "batch", "tgt_len", "us_per_token")
+
+
+def _bench_problem(d: dict) -> Optional[str]:
+    """Why a decode-bench JSON cannot make a Table 2 (None: it can)."""
+    rows = d.get("rows")
+    if not isinstance(rows, list):
+        return "decode-bench result without a list of rows"
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            return f"decode-bench row {i + 1} is not an object"
+        lacking = [k for k in _BENCH_ROW_KEYS if k not in r]
+        if lacking:
+            return f"decode-bench row {i + 1} lacks {', '.join(lacking)}"
+        nums = ("beam", "batch", "tgt_len", "us_per_token", "bound_us_per_token", "x_bound", "us_per_hyp_token",
+                "us_per_token_min", "us_per_token_max")
+        bad = [k for k in nums if k in r and r[k] is not None and not _is_num(r[k])]
+        if bad or not _is_num(r["us_per_token"]):
+            return f"decode-bench row {i + 1} has {(bad or ['us_per_token'])[0]} that is not a number"
+    for key in ("variants", "ceilings", "provenance", "config"):
+        if not isinstance(d.get(key, {}), dict):
+            return f"decode-bench result whose {key!r} is not an object"
+    for name, vd in d.get("variants", {}).items():
+        try:
+            Variant.from_dict(vd)
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            return f"decode-bench result whose spec of {name!r} does not load ({type(e).__name__}: {e})"
+    return None
+
+
 def collect(root) -> Collection:
     root = Path(root)
     if not root.is_dir():
@@ -73,6 +135,9 @@ def collect(root) -> Collection:
         if isinstance(man, Exception):
             col.excluded.append((str(run_dir), f"unreadable manifest.json ({man})"))
             continue
+        if not isinstance(man, dict):
+            col.excluded.append((str(run_dir), f"manifest.json holds a JSON {type(man).__name__}, not an object"))
+            continue
         if "spec" not in man or not isinstance(man.get("spec"), dict) or "variant" not in man["spec"]:
             continue  # e.g. a prepared-data manifest
         try:
@@ -85,6 +150,9 @@ def collect(root) -> Collection:
             metrics = _load_json(run_dir / "metrics.json")
             if isinstance(metrics, Exception):
                 col.excluded.append((str(run_dir), f"unreadable metrics.json ({metrics})"))
+                metrics = None
+            elif _metrics_problem(metrics):
+                col.excluded.append((str(run_dir), _metrics_problem(metrics)))
                 metrics = None
             elif metrics.get("spec_hash") not in (None, man.get("spec_hash")):
                 col.excluded.append((str(run_dir), "metrics.json was computed for another spec hash"))
@@ -106,10 +174,20 @@ def collect(root) -> Collection:
         if p.name in ("manifest.json", "metrics.json"):
             continue
         d = _load_json(p)
-        if isinstance(d, dict) and d.get("kind") == "decode-bench":
-            col.benches.append((p, d))
+        if isinstance(d, Exception):   # e.g. a truncated decode-bench result: say so, never drop it silently
+            col.excluded.append((str(p), f"unreadable JSON ({d})"))
+        elif isinstance(d, dict) and d.get("kind") == "decode-bench":
+            problem = _bench_problem(d)
+            if problem:
+                col.excluded.append((str(p), problem))
+            else:
+                col.benches.append((p, d))
         elif isinstance(d, dict) and d.get("kind") == "multi-gpu":
-            col.multi_gpu.append((p, d))
+            if all(isinstance(d.get(k, {}), dict) and all(isinstance(x, dict) for x in d.get(k, {}).values())
+                   for k in ("training", "decoding")):
+                col.multi_gpu.append((p, d))
+            else:
+                col.excluded.append((str(p), "multi-GPU summary whose training/decoding entries are not objects"))
     # decode-bench files beside a multi-GPU summary are its inputs: shown through it, not as Table 2s
     inputs = {p.parent for p, _ in col.multi_gpu}
     col.benches = [(p, d) for p, d in col.benches if p.parent not in inputs]
@@ -136,7 +214,7 @@ def _bleu(m: dict, split: str, beam: int, tokenizer: str):
 
 def _ln_ppl(m: dict, split: str):
     p = (m or {}).get("perplexity", {}).get(split)
-    return p["ln_ppl_per_subword"] if p else None
+    return p.get("ln_ppl_per_subword") if p else None
 
 
 def _label(name: str) -> str:
@@ -237,11 +315,13 @@ def table1(spec: str, variants: dict, bootstrap_samples: int = 1000) -> Table:
             row[f"delta_{t}_b{top}"] = None if mine is None or base is None or row["variant"] == "multi_head" \
                 else mine - base
             row[f"p_{t}_b{top}"] = (None if row["variant"] == "multi_head" or not base_runs else
+                                    NOT_COMPUTED if bootstrap_samples <= 0 else
                                     _paired_p(base_runs, variants[row["variant"]], t, top, tok, bootstrap_samples))
     runs_all = [r for rs in variants.values() for r in rs]
     cap = _caption(spec, runs_all, "Table 1 (translation quality)")
-    cap += (f" BLEU: sacrebleu, tokenizer {tok}; mean ± sd over seeds; p: sacrebleu paired bootstrap "
-            f"({bootstrap_samples} samples) of the lowest common seed against multi-head. Paper columns: WMT14 "
+    p_note = (f"p: sacrebleu paired bootstrap ({bootstrap_samples} samples) of the lowest common seed against "
+              f"multi-head" if bootstrap_samples > 0 else f"p: {NOT_COMPUTED} (--bootstrap 0)")
+    cap += (f" BLEU: sacrebleu, tokenizer {tok}; mean ± sd over seeds; {p_note}. Paper columns: WMT14 "
             f"EN-DE at full scale (newstest2013 dev, newstest2014 test).")
     return Table(f"table1_{spec}", f"Table 1 — translation quality ({spec})", cols, rows, cap)
 
@@ -255,7 +335,7 @@ def _paired_p(base_runs, runs, split, beam, tok, samples):
         b = next(r for r in base_runs if r.seed == seed)
         v = next(r for r in runs if r.seed == seed)
         bb, vb = _bleu(b.metrics, split, beam, tok), _bleu(v.metrics, split, beam, tok)
-        if not (bb and vb):
+        if not (bb and vb and bb.get("ref_file") and bb.get("hyp_file") and vb.get("hyp_file")):
             continue
         try:
             refs = (b.dir / bb["ref_file"]).read_text(encoding="utf-8").splitlines()
@@ -302,6 +382,8 @@ def table3(spec: str, variants: dict) -> Table:
 
 
 def table2(path: Path, bench: dict) -> Optional[Table]:
+    from .bench import NOISY_SPREAD, is_noisy, spread
+
     rows_in = [r for r in bench.get("rows", []) if not r.get("sweep")]
     if not rows_in:
         return None
@@ -314,6 +396,7 @@ def table2(path: Path, bench: dict) -> Optional[Table]:
             ("enc_greedy", "inference enc."), ("dec_greedy", "inference dec."), ("paper_greedy", "paper enc. + dec."),
             ("dec_greedy_bound", "dec. roofline"), ("dec_greedy_frac", "fraction of roofline"),
             ("speedup", "dec. speed-up vs multi-head")]
+    noisy_col = ("noisy", "noisy repeats")
     if top > 1:
         cols += [(f"enc_beam", f"beam-{top} enc."), (f"dec_beam", f"beam-{top} dec."),
                  ("paper_beam", "paper enc. + dec."), ("dec_beam_hyp", f"beam-{top} dec. per hypothesis token"),
@@ -334,6 +417,9 @@ def table2(path: Path, bench: dict) -> Optional[Table]:
                "dec_greedy_bound": g["bound_us_per_token"] if g else None,
                "dec_greedy_frac": (1 / g["x_bound"]) if g and g.get("x_bound") else None,
                "speedup": (base_dec / g["us_per_token"]) if (g and base_dec) else None}
+        flagged = [(label, r) for label, r in (("training", d.get(("train", 0))), ("enc.", enc), ("dec. greedy", g),
+                                               (f"dec. beam {top}", b if top > 1 else None)) if r and is_noisy(r)]
+        row["noisy"] = ", ".join(f"{label} ({spread(r):.0%})" for label, r in flagged) or None
         if top > 1:
             row.update({"enc_beam": enc["us_per_token"] if enc else None,
                         "dec_beam": b["us_per_token"] if b else None,
@@ -341,6 +427,7 @@ def table2(path: Path, bench: dict) -> Optional[Table]:
                         "dec_beam_hyp": b.get("us_per_hyp_token") if b else None,
                         "dec_beam_frac": (1 / b["x_bound"]) if b and b.get("x_bound") else None})
         rows.append(row)
+    cols.append(noisy_col)
     prov = bench.get("provenance", {})
     dev = prov.get("device", {}).get("name", "?")
     cfg = bench.get("config", {})
@@ -349,7 +436,9 @@ def table2(path: Path, bench: dict) -> Optional[Table]:
            f"{one.get('dtype', cfg.get('dtype'))}, batch {cfg.get('batch')}, source {cfg.get('src_len')}, "
            f"target {cfg.get('tgt_len')}; median of {one.get('repeats')} repeats after warm-up; code "
            f"{str(prov.get('git_sha', '?'))[:12]}. Roofline: max(bytes / measured bandwidth, FLOPs / measured "
-           f"peak) per step. Paper: {paper.TABLE2_DEVICE}, batch 1024, length 128.")
+           f"peak) per step. Paper: {paper.TABLE2_DEVICE}, batch 1024, length 128. Noisy repeats: (max - min) / "
+           f"median of a measurement's repeats above {NOISY_SPREAD:.0%}; its times and ratios are not to be "
+           f"trusted.")
     key = f"table2_{path.parent.name}_{path.stem}"
     return Table(key, f"Table 2 — cost ({dev}, {path.parent.name}/{path.name})", cols, rows, cap)
 
@@ -368,6 +457,7 @@ def table_cost_model(path: Path, bench: dict) -> Optional[Table]:
     """The analytic cost model (``mqa-repro cost-model``) beside the decode-bench measurements it predicts:
     once with the device's datasheet ceilings, once with the ceilings decode-bench measured (= the roofline
     column of Table 2), and the measured time over each prediction."""
+    from .bench import significant
     from .costmodel import critical_batch, predict_decode_step, predict_decoder_us_per_token
 
     rows_in = [r for r in bench.get("rows", []) if r.get("measure") == "decoder" and not r.get("sweep")]
@@ -405,8 +495,8 @@ def table_cost_model(path: Path, bench: dict) -> Optional[Table]:
     cap = (f"Cost model against measurement: {path.parent.name}/{path.name} on {dev_name}. Model = sum over the "
            f"decode steps of max(bytes / bandwidth, FLOPs / peak) per step, from `mqa_repro.costmodel` "
            f"({'datasheet: ' + sheet.source + '; ' if sheet else ''}measured: "
-           f"{_num((ceil.get('bandwidth_Bps') or 0) / 1e12, 2)} TB/s copy, "
-           f"{_num((ceil.get('peak_flops') or 0) / 1e12, 0)} TFLOP/s matmul). measured / model = 1 would mean "
+           f"{significant((ceil.get('bandwidth_Bps') or 0) / 1e12)} TB/s copy, "
+           f"{significant((ceil.get('peak_flops') or 0) / 1e12)} TFLOP/s matmul). measured / model = 1 would mean "
            f"the decoder runs at the physical limit; the rest is what the implementation leaves on the table. "
            f"'bound' is the term that limits a step half-way through the decode; 'compute-bound from batch' the "
            f"batch (sentences) above which that step turns compute-bound.")

@@ -31,6 +31,9 @@ import yaml
 from .errors import SpecError
 
 SCHEMA_VERSION = 1
+# SentencePiece's smallest vocabulary for our trainer settings (4 special ids + the word-boundary mark "▁" +
+# one character); a real corpus needs one piece per distinct character more (data.train_sentencepiece).
+MIN_VOCAB_SIZE = 6
 
 # The rows of the paper's tables plus grouped-query attention; every shipped spec uses these names.
 KNOWN_VARIANTS = (
@@ -266,6 +269,58 @@ def spec_hash(d: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Reading YAML: numbers in e-notation are numbers, a key given twice is an error
+# --------------------------------------------------------------------------------------------------
+class SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two changes for specs.
+
+    * YAML 1.1 (PyYAML) reads ``3e-3`` and ``1e5`` as strings: its float pattern needs a dot and a signed
+      exponent. YAML 1.2 (and every JSON reader) reads them as numbers, and so does this loader.
+    * Duplicate keys are left to :func:`duplicate_keys` (PyYAML keeps the last value without a word).
+    """
+
+
+# YAML 1.2 core-schema floats with an exponent (1e5, 3e-3, 2.5E+4, .5e-2); the forms with a dot and no
+# exponent are PyYAML's own already. Checked after the int pattern has had its chance, so 3 stays an int.
+SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def duplicate_keys(node, prefix: str = "") -> Optional[tuple]:
+    """(dotted key, first line, second line) of the first key given twice in a composed YAML mapping."""
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode) or k.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = f"{prefix}.{k.value}" if prefix else str(k.value)
+            if k.value in seen:
+                return key, seen[k.value] + 1, k.start_mark.line + 1
+            seen[k.value] = k.start_mark.line
+            found = duplicate_keys(v, key)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = duplicate_keys(item, f"{prefix}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def read_yaml(text: str, path="<spec>", prefix: str = ""):
+    """Plain data from spec YAML (:class:`SpecLoader`); a key given twice is a SpecError naming it (below
+    ``prefix``, the dotted key the text is the value of)."""
+    node = yaml.compose(text, Loader=SpecLoader)
+    dup = duplicate_keys(node, prefix) if node is not None else None
+    if dup:
+        raise SpecError(path, dup[0], f"is given twice (lines {dup[1]} and {dup[2]}); keep one")
+    return yaml.load(text, Loader=SpecLoader)
+
+
+# --------------------------------------------------------------------------------------------------
 # Validation: plain data -> dataclasses, every error names file and key
 # --------------------------------------------------------------------------------------------------
 _TOP_KEYS = ("name", "description", "model", "data", "training", "evaluation", "benchmark", "variants")
@@ -317,6 +372,8 @@ def _coerce(value, tp, path, key):
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer():   # 1e5, 4096.0: a whole number is an int
+            return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -383,6 +440,14 @@ def _check_model(m: ModelSpec, path, key: str) -> None:
                         f"({m.n_heads} is not a multiple of {m.n_kv_heads})")
     if m.window is not None and m.window <= 0:
         raise SpecError(path, f"{key}.window", f"must be a positive number of positions or null, got {m.window}")
+    if m.window is not None and m.window >= m.max_positions:
+        raise SpecError(path, f"{key}.window", f"({m.window}) must be below model.max_positions "
+                        f"({m.max_positions}), the longest sequence: a window that covers every position is "
+                        f"full attention; use null for that")
+    if m.vocab_size < MIN_VOCAB_SIZE:
+        raise SpecError(path, f"{key}.vocab_size", f"must be at least {MIN_VOCAB_SIZE} (the 4 special ids pad, "
+                        f"unk, bos, eos, the word-boundary piece and one character: SentencePiece's minimum), "
+                        f"got {m.vocab_size}")
     for name in ("residual", "attention", "relu"):
         p = getattr(m.dropout, name)
         if not 0.0 <= p < 1.0:
@@ -423,6 +488,9 @@ def _check_sections(v: Variant, path, key: str) -> None:
                         f"of data.max_len ({d.max_len}) tokens")
     if t.warmup_steps < 0:
         raise SpecError(path, f"{key}training.warmup_steps", "must not be negative")
+    for name, x in (("training.seed", t.seed), ("data.spm_seed", d.spm_seed)):
+        if x < 0:
+            raise SpecError(path, f"{key}{name}", f"must be 0 or more (a random generator seed), got {x}")
     if t.lr <= 0:
         raise SpecError(path, f"{key}training.lr", f"must be positive, got {t.lr}")
     if not 0.0 <= t.label_smoothing < 1.0:
@@ -506,7 +574,7 @@ def load_spec(path) -> Spec:
     if not path.is_file():
         raise SpecError(path, "", "no such spec file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"), path)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -600,7 +668,7 @@ def apply_overrides(v: Variant, overrides: Optional[list] = None) -> Variant:
             raise SpecError(where, key, f"is not a known key of '{'.'.join(parts[:-1])}'"
                             f"{_suggest(parts[-1], node)}")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = read_yaml(text, where, key) if text.strip() else None
         except yaml.YAMLError:
             raise SpecError(where, key, f"has a value that is not valid YAML: {text!r}") from None
         if value == "match":

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import OutputError, UserError
 from .model import BOS, EOS, PAD, Transformer, count_parameters
-from .provenance import manifest, write_json_atomic
+from .provenance import check_writable, describe_os_error, manifest, sha256_file, write_json_atomic
 from .runtime import Progress, autocast, resolve_device
 from .spec import Variant, spec_hash
 
@@ -414,19 +414,32 @@ def save_checkpoint(path: Path, obj: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:   # disk full, read-only: one sentence naming the checkpoint
+        raise OutputError(describe_os_error(e, path)) from None
+    except RuntimeError as e:   # torch's zip writer reports a failed write as a RuntimeError
+        if "write" not in str(e):
+            raise
+        raise OutputError(f"cannot write {path}: {str(e).splitlines()[0]}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def read_checkpoint_file(path, map_location="cpu"):
+    """``torch.load`` of a checkpoint file, whatever it holds; a missing, truncated or foreign file is a
+    UserError naming it (shared by evaluate, decode-bench and uptrain)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        ck = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a truncated or foreign file
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    path = Path(path)
+    ck = read_checkpoint_file(path, map_location)
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT or "spec" not in ck:
         raise UserError(f"{path} is not a checkpoint written by mqa-repro train")
     return ck
@@ -571,6 +584,9 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
     rdir, cdir = run_dir(variant, seed, out_root), checkpoint_dir(variant, seed, ckpt_root)
     ckpt_path = cdir / CHECKPOINT_NAME
     log_path = rdir / "train_log.jsonl"
+    if d.main:   # before any work: an unwritable results or checkpoint folder is one sentence now
+        check_writable(rdir, "dir", "run folder")
+        check_writable(cdir, "dir", "checkpoint folder")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -157,3 +157,69 @@ def test_peer_hf_compares_only_what_marian_can_be():
                     torch.device("cpu"), None)
     assert "multi-head" in mq["skipped"] and "multi_query is not" in mq["skipped"]
     assert "local" in local["skipped"] and "window" in local["skipped"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 18.12: every number at the door; a file that is not a checkpoint is one sentence, as in evaluate
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("changes,match", [
+    ({"sweep": "length", "sweep_values": [-3]}, r"--sweep-value must be a positive integer \(length\), got -3"),
+    ({"sweep": "batch", "sweep_values": [4, 0]}, r"--sweep-value must be a positive integer \(batch\), got 0"),
+    ({"sweep_values": [4]}, "--sweep-value needs --sweep"),
+    ({"sweep": "length", "sweep_values": [32, 65]}, r"--sweep-value 65 exceeds model.max_positions \(64\)"),
+    ({"tgt_len": 65}, r"exceed model.max_positions \(64\)"),
+    ({"batch": 0}, "--batch-size must be a positive integer, got 0"),
+    ({"repeats": -1}, "--repeats must be a positive integer"),
+    ({"beams": [1, 0]}, "--beam must be positive integers"),
+    ({"streams": 0}, "--streams must be a positive integer"),
+])
+def test_bench_numbers_are_checked_at_the_door(changes, match):
+    from mqa_repro.bench import check_config, default_config, run_bench
+    from mqa_repro.errors import UserError
+
+    v = load_spec(EXPERIMENTS / "tiny.yaml").variants["multi_query"]
+    cfg = replace(default_config(v, torch.device("cpu")), **changes)
+    with pytest.raises(UserError, match=match):
+        check_config(cfg, [v])
+    with pytest.raises(UserError, match=match):   # the library entry point checks before measuring anything
+        run_bench([v], cfg, log=lambda m: pytest.fail(f"work started: {m}"))
+
+
+def test_sweep_batch_zero_and_negative_lengths_are_one_line():
+    for args in (["--sweep", "batch", "--sweep-value", "0"], ["--sweep", "length", "--sweep-value", "-3"]):
+        r = subprocess.run([sys.executable, "-m", "mqa_repro", "decode-bench", str(EXPERIMENTS / "tiny.yaml"),
+                            "--device", "cpu", "--variant", "multi_query", *args], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and "--sweep-value" in lines[0], r.stderr
+        assert "ceilings" not in r.stderr and r.stdout == ""
+
+
+def test_checkpoint_that_is_not_one_is_one_sentence(tmp_path):
+    from mqa_repro.bench import load_checkpoint
+    from mqa_repro.errors import UserError
+    from mqa_repro.model import Transformer
+
+    spec = load_spec(EXPERIMENTS / "tiny.yaml")
+    one = spec.select(["multi_query"])
+    p = tmp_path / "not_a_checkpoint.pt"
+    p.write_text("these are not weights\n")
+    with pytest.raises(UserError, match=f"{p} is not a readable checkpoint"):
+        load_checkpoint(p, one)
+    torch.save({"step": 3}, p)
+    with pytest.raises(UserError, match="is not a checkpoint written by mqa-repro train"):
+        load_checkpoint(p, one)
+    torch.save(Transformer(spec.variants["multi_head"].model).state_dict(), p)   # the wrong variant's weights
+    with pytest.raises(UserError, match="the weights do not fit the model of variant 'multi_query'"):
+        load_checkpoint(p, one)
+    with pytest.raises(UserError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt", one)
+    torch.save(Transformer(spec.variants["multi_query"].model).state_dict(), p)
+    v, state = load_checkpoint(p, one)
+    assert v.name == "multi_query" and all(isinstance(t, torch.Tensor) for t in state.values())
+    p.write_text("garbage")
+    r = subprocess.run([sys.executable, "-m", "mqa_repro", "decode-bench", str(EXPERIMENTS / "tiny.yaml"),
+                        "--device", "cpu", "--variant", "multi_query", "--checkpoint", str(p)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "is not a readable checkpoint" in lines[0], r.stderr

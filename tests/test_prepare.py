@@ -212,6 +212,14 @@ def test_empty_split(tmp_path, small):
     _fails(_spec_file(tmp_path, TINY, "s", corpus="m30k"), data, out, "dev split 'valid' .* has no usable lines")
 
 
+def test_a_vocabulary_smaller_than_the_alphabet_is_one_sentence(tmp_path, small):
+    """Issue 18.14: SentencePiece's "INTERNAL: trainer_interface.cc" becomes a sentence naming the key."""
+    data, _, out = small
+    spec = _spec_file(tmp_path, TINY, "s", corpus="m30k", vocab_size=10)
+    msg = _fails(spec, data, out, r"model.vocab_size \(10\) is below the \d+ pieces the training text needs")
+    assert "INTERNAL" not in msg and "data.spm_character_coverage" in msg
+
+
 def test_unknown_corpus(tmp_path, small):
     data, _, out = small
     spec = _spec_file(tmp_path, TINY, "s", corpus="multi31k")
@@ -301,15 +309,42 @@ def test_hub_multi30k_matches_the_local_copy(tmp_path, shared_data, fake_hub):
     assert prepare(spec, out=tmp_path / "hub", source="hub", progress=False).up_to_date
 
 
-def test_auto_falls_back_to_the_hub_for_wmt14(tmp_path, fake_hub):
+def test_auto_uses_the_hub_only_when_no_local_folder_exists(tmp_path, fake_hub, monkeypatch):
+    """Issue 18.13: a configured data folder without the corpus is an error naming it (no silent download);
+    with no local folder at all (the default ../shared/data missing) the hub is used and a note says why;
+    a failed hub attempt leaves no empty data/ behind."""
     spec = _spec_file(tmp_path, EXPERIMENTS / "wmt14_ende.yaml", "wmt_small", vocab_size=1000, max_len=128)
     empty = tmp_path / "no_corpora"
     empty.mkdir()
-    m = prepare(spec, data_dir=empty, out=tmp_path / "out", progress=False).manifest
+    with pytest.raises(UserError, match=f"unknown corpus 'wmt14': the data folder {empty} \\(from --data-dir\\) "
+                                        f"has no folder .*pass --source hub"):
+        prepare(spec, data_dir=empty, out=tmp_path / "out", progress=False)
+    monkeypatch.setenv("MQA_REPRO_DATA", str(empty))
+    with pytest.raises(UserError, match=r"\(from \$MQA_REPRO_DATA\)"):
+        prepare(spec, out=tmp_path / "out", progress=False)
+    monkeypatch.setenv("MQA_REPRO_DATA", str(tmp_path / "gone"))
+    with pytest.raises(UserError, match=f"data directory {tmp_path / 'gone'} \\(from \\$MQA_REPRO_DATA\\) does not"):
+        prepare(spec, out=tmp_path / "out", progress=False)
+    assert fake_hub == [] and not (tmp_path / "out").exists()
+    # nothing configured and no ../shared/data beside the current folder: the hub, said in one note
+    monkeypatch.delenv("MQA_REPRO_DATA")
+    cwd = tmp_path / "elsewhere" / "deeper"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    r = prepare(spec, out=tmp_path / "out", progress=False)
     assert fake_hub == [("wmt14", "de-en")]
+    assert len(r.notes) == 1 and "../shared/data" in r.notes[0] and "datasets hub (wmt14)" in r.notes[0]
+    m = r.manifest
     assert {s: v["lines"] for s, v in m["splits"].items()} == {"train": 1000, "newstest2013": 300,
                                                                "newstest2014": 300}
     assert m["roles"] == {"train": ["train"], "dev": "newstest2013", "test": ["newstest2014"]}
+    # the hub failing: one sentence that says why the hub was tried, and no empty data/ folder left
+    raw = yaml.safe_load(spec.read_text())
+    raw["data"]["hub"]["path"] = "nobody/nothing"
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(UserError, match="the hub was tried because there is no local data folder"):
+        prepare(spec, progress=False)    # default output: data/<spec name> under the current folder
+    assert list(cwd.iterdir()) == []
 
 
 def test_hub_lm1b_uses_the_hub_stems(tmp_path, fake_hub):

@@ -180,3 +180,149 @@ def test_uptrained_rows_are_labelled_and_ordered():
                              "multi_head_to_kv2_mean_5pct"]
     assert _label("multi_head_to_kv1_mean_5pct") == "multi-head → multi-query, uptrained 5% (mean init.)"
     assert _label("multi_head_to_kv2_first_200steps") == "multi-head → 2 K/V heads, uptrained 200 steps (first init.)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 18.11 and 18.15, on copies of the shipped results (no training): malformed inputs are listed as not
+# used with the reason, never a traceback; --bootstrap 0 computes no p; noisy benchmark rows are flagged;
+# small ceilings keep their digits
+# --------------------------------------------------------------------------------------------------
+SHIPPED = ROOT / "results"
+
+
+@pytest.fixture
+def small_results(tmp_path):
+    root = tmp_path / "results"
+    for v in ("multi_head", "multi_query"):
+        shutil.copytree(SHIPPED / "multi30k_ende" / v / "seed0", root / "multi30k_ende" / v / "seed0")
+    (root / "bench").mkdir()
+    shutil.copy(SHIPPED / "bench" / "h200" / "table2.json", root / "bench" / "table2.json")
+    return root
+
+
+def _report_json(root, bootstrap=0):
+    from mqa_repro.report import report
+
+    text, _ = report(root, "json", None, bootstrap)
+    return json.loads(text)
+
+
+def _excluded(j, part):
+    return [e["reason"] for e in j["excluded"] if part in e["path"]]
+
+
+@pytest.mark.parametrize("metrics,reason", [
+    ([], "metrics.json holds a JSON list, not an object"),
+    ("drop score", "metrics.json: BLEU entry 1 lacks score"),
+    ("drop split", "metrics.json: BLEU entry 1 lacks split"),
+    ({"bleu": {"score": 1}}, "'bleu' is not a list"),
+    ({"bleu": [], "perplexity": {"valid": 1.7}}, "perplexity of 'valid' is not an object"),
+    ("truncate", "unreadable metrics.json"),
+], ids=["list", "no-score", "no-split", "bleu-dict", "ppl-number", "truncated"])
+def test_malformed_metrics_are_listed_not_a_traceback(small_results, metrics, reason):
+    p = small_results / "multi30k_ende" / "multi_query" / "seed0" / "metrics.json"
+    m = json.loads(p.read_text())
+    if metrics == "truncate":
+        p.write_text(p.read_text()[: len(p.read_text()) // 2])
+    else:
+        if isinstance(metrics, str):
+            del m["bleu"][0][metrics.split()[1]]
+            metrics = m
+        p.write_text(json.dumps(metrics))
+    j = _report_json(small_results)
+    assert any(reason in r for r in _excluded(j, "multi_query/seed0")), j["excluded"]
+    t1 = next(t for t in j["tables"] if t["key"] == "table1_multi30k_ende")
+    mq = next(r for r in t1["rows"] if r["variant"] == "multi_query")
+    assert mq["seeds"] == 0 and mq["bleu_dev"]["mean"] is None        # shown as missing, never half-read
+    assert next(t for t in j["tables"] if t["key"].startswith("table2_"))  # the rest of the report is there
+
+
+@pytest.mark.parametrize("damage,reason", [
+    ("truncate", "unreadable JSON"),
+    ("row without us_per_token", "decode-bench row 1 lacks us_per_token"),
+    ("row as text", "decode-bench row 1 is not an object"),
+    ("rows missing", "without a list of rows"),
+    ("bad spec", "spec of 'multi_head' does not load"),
+])
+def test_a_malformed_bench_is_listed_with_the_reason(small_results, damage, reason):
+    p = small_results / "bench" / "table2.json"
+    d = json.loads(p.read_text())
+    if damage == "truncate":
+        p.write_text(p.read_text()[:5000])
+    else:
+        if damage == "row without us_per_token":
+            del d["rows"][0]["us_per_token"]
+        elif damage == "row as text":
+            d["rows"][0] = "oops"
+        elif damage == "rows missing":
+            del d["rows"]
+        else:
+            d["variants"]["multi_head"]["model"]["n_heads"] = "eight"
+        p.write_text(json.dumps(d))
+    j = _report_json(small_results)
+    assert any(reason in r for r in _excluded(j, "table2.json")), j["excluded"]
+    assert not [t for t in j["tables"] if t["key"].startswith(("table2_", "costmodel_"))]
+    if damage == "truncate":   # the CLI once: the tables and the reason, no traceback
+        r = cli("report", str(small_results), "--bootstrap", "0", cwd=ROOT)
+        assert r.returncode == 0 and "Traceback" not in r.stderr and "table2.json`: unreadable JSON" in r.stdout
+
+
+def test_bootstrap_zero_computes_no_p(small_results, monkeypatch):
+    from mqa_repro import report as rp
+
+    monkeypatch.setattr(rp, "_paired_p", lambda *a, **k: pytest.fail("a p-value was computed"))
+    j = _report_json(small_results, bootstrap=0)
+    t1 = next(t for t in j["tables"] if t["key"] == "table1_multi30k_ende")
+    mq = next(r for r in t1["rows"] if r["variant"] == "multi_query")
+    p_keys = [k for k in mq if k.startswith("p_")]
+    assert p_keys and all(mq[k] == rp.NOT_COMPUTED for k in p_keys)
+    assert "p: not computed (--bootstrap 0)" in t1["caption"] and "0 samples" not in t1["caption"]
+    monkeypatch.undo()
+    j = _report_json(small_results, bootstrap=20)    # with samples, a number
+    t1 = next(t for t in j["tables"] if t["key"] == "table1_multi30k_ende")
+    mq = next(r for r in t1["rows"] if r["variant"] == "multi_query")
+    assert all(isinstance(mq[k], float) and 0 <= mq[k] <= 1 for k in p_keys)
+
+
+def test_noisy_rows_are_flagged_by_one_rule(small_results):
+    from mqa_repro import bench
+
+    def row(lo, mid, hi, **kw):
+        return {"variant": "multi_query", "measure": "decoder", "beam": 1, "batch": 8, "tgt_len": 32, "src_len": 32,
+                "us_per_token": mid, "us_per_token_min": lo, "us_per_token_max": hi, "repeats": 5,
+                "us_per_hyp_token": None, "bound_us_per_token": 1.0, "x_bound": mid, "mbu": 0.5, "mfu": 0.1, **kw}
+
+    quiet, edge, loud = row(9.5, 10, 11), row(9, 10, 11), row(8, 10, 14)
+    assert [bench.is_noisy(r) for r in (quiet, edge, loud)] == [False, False, True]
+    assert bench.spread(loud) == pytest.approx(0.6) and bench.spread(row(9, 10, 11, repeats=1)) is None
+    assert [c[4].endswith("noisy") for c in bench.table_rows({"rows": [quiet, loud]})] == [False, True]
+    assert len(bench.summarize([quiet, loud])["noisy_rows"]) == 1
+    pair = bench.summarize([dict(quiet, variant="multi_head"), loud])
+    assert pair["multi_head_over_multi_query_decoder_noisy"] is True
+    calm = bench.summarize([dict(quiet, variant="multi_head"), quiet])
+    assert calm["multi_head_over_multi_query_decoder_noisy"] is False
+    # the report applies the same rule to a stored benchmark (also to files written before the flag existed)
+    p = small_results / "bench" / "table2.json"
+    d = json.loads(p.read_text())
+    for r in d["rows"]:
+        r.pop("noisy", None)
+        r["us_per_token_min"] = r["us_per_token_max"] = r["us_per_token"]
+    g = next(r for r in d["rows"] if r["variant"] == "multi_query" and r["measure"] == "decoder" and r["beam"] == 1)
+    g["us_per_token_max"] = g["us_per_token"] * 1.35
+    p.write_text(json.dumps(d))
+    t2 = next(t for t in _report_json(small_results)["tables"] if t["key"].startswith("table2_"))
+    flags = {r["variant"]: r["noisy"] for r in t2["rows"]}
+    assert flags.pop("multi_query") == "dec. greedy (35%)" and set(flags.values()) == {None}
+    assert f"above {bench.NOISY_SPREAD:.0%}" in t2["caption"]
+
+
+def test_small_ceilings_keep_their_digits(small_results):
+    from mqa_repro.bench import significant
+
+    assert [significant(x) for x in (0.0734, 3.354, 989.4, 1979.0, 0.0)] == ["0.0734", "3.35", "989", "1,979", "0"]
+    p = small_results / "bench" / "table2.json"
+    d = json.loads(p.read_text())
+    d["ceilings"].update(bandwidth_Bps=1.93e10, peak_flops=7.3e10)     # a CPU's
+    p.write_text(json.dumps(d))
+    cm = next(t for t in _report_json(small_results)["tables"] if t["key"].startswith("costmodel_"))
+    assert "0.0193 TB/s copy, 0.0730 TFLOP/s matmul" in cm["caption"] and " 0 TFLOP/s" not in cm["caption"]

@@ -160,3 +160,93 @@ def test_match_needs_no_rounding_for_the_paper_widths():
     base = param_count(spec.variants["multi_head"].model)
     for v in spec.variants.values():
         assert param_count(v.model) == base  # exact, not merely within rounding
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 18.14: e-notation numbers, duplicate keys, windows that are full attention, vocabularies too small
+# --------------------------------------------------------------------------------------------------
+_TOY_YAML = """name: toy
+model: {kind: encoder-decoder, encoder_layers: 1, decoder_layers: 1, d_model: 16, d_ff: 32, n_heads: 4,
+        n_kv_heads: 4, d_k: 4, d_v: 4, vocab_size: 100, max_positions: 32}
+data: {max_len: 32}
+training:
+  lr: 3e-3
+  steps: 1e3
+  weight_decay: 1E-2
+  label_smoothing: .5e-1
+  z_loss: 1.0e-4
+  warmup_steps: 10
+variants: {multi_head: {}}
+"""
+
+
+def test_e_notation_is_a_number_everywhere(tmp_path):
+    t = load_spec(_write(tmp_path, _TOY_YAML, "toy.yaml")).variants["multi_head"].training
+    assert (t.lr, t.steps, t.weight_decay, t.label_smoothing, t.z_loss) == (3e-3, 1000, 1e-2, 0.05, 1e-4)
+    assert isinstance(t.steps, int) and isinstance(t.warmup_steps, int)
+    from mqa_repro.spec import apply_overrides
+
+    v = apply_overrides(load_spec(_write(tmp_path, _TOY_YAML, "toy.yaml")).variants["multi_head"],
+                        ["training.lr=2e-4", "training.batch_tokens=4e3"])
+    assert v.training.lr == 2e-4 and v.training.batch_tokens == 4000
+    with pytest.raises(SpecError, match="training.steps: must be int, got 1.5"):
+        load_spec(_write(tmp_path, _TOY_YAML.replace("steps: 1e3", "steps: 1.5"), "toy.yaml"))
+
+
+@pytest.mark.parametrize("text,key,lines", [
+    (_TOY_YAML.replace("  warmup_steps: 10\n", "  warmup_steps: 10\n  lr: 1e-3\n"), "training.lr", "6 and 12"),
+    (_TOY_YAML + "name: other\n", "name", "1 and 13"),
+    (_TOY_YAML.replace("variants: {multi_head: {}}", "variants: {multi_head: {}, multi_head: {model: {window: 4}}}"),
+     "variants.multi_head", "12 and 12"),
+], ids=["nested", "top", "flow"])
+def test_duplicate_keys_are_refused(tmp_path, text, key, lines):
+    p = _write(tmp_path, text, "dup.yaml")
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert str(e.value) == f"{p}: {key}: is given twice (lines {lines}); keep one"
+    from mqa_repro.spec import apply_overrides
+
+    with pytest.raises(SpecError, match=r"--set: evaluation.beams\.a: is given twice"):
+        apply_overrides(load_spec(_write(tmp_path, _TOY_YAML, "toy.yaml")).variants["multi_head"],
+                        ["evaluation.beams={a: 1, a: 2}"])
+
+
+@pytest.mark.parametrize("window,ok", [(31, True), (32, False), (1000, False)])
+def test_a_window_covering_every_position_is_refused(tmp_path, window, ok):
+    p = _write(tmp_path, _with(("variants", "multi_query_local"), {"model": {"window": window}}))
+    if ok:
+        assert load_spec(p).variants["multi_query_local"].model.window == window
+    else:
+        with pytest.raises(SpecError, match=rf"variants.multi_query_local.model.window: \({window}\) must be "
+                                            r"below model.max_positions \(32\)"):
+            load_spec(p)
+
+
+@pytest.mark.parametrize("vocab", [1, 3, 5])
+def test_a_vocabulary_below_sentencepieces_minimum_is_refused(tmp_path, vocab):
+    with pytest.raises(SpecError, match=r"model.vocab_size: must be at least 6 .* got " + str(vocab)):
+        load_spec(_write(tmp_path, _with(("model", "vocab_size"), vocab)))
+
+
+def test_sentencepiece_minimum_is_what_the_spec_says():
+    """MIN_VOCAB_SIZE is SentencePiece's real minimum: one less fails, the minimum trains (one-character text)."""
+    import io
+
+    import sentencepiece as spm
+
+    from mqa_repro.spec import MIN_VOCAB_SIZE
+
+    def train(v):
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(["a"] * 20), model_writer=io.BytesIO(),
+                                       vocab_size=v, model_type="bpe", character_coverage=1.0, pad_id=0,
+                                       unk_id=1, bos_id=2, eos_id=3, minloglevel=2, num_threads=1)
+
+    train(MIN_VOCAB_SIZE)
+    with pytest.raises(RuntimeError):
+        train(MIN_VOCAB_SIZE - 1)
+
+
+@pytest.mark.parametrize("keys", [("training", "seed"), ("data", "spm_seed")])
+def test_negative_seeds_are_refused_at_the_door(tmp_path, keys):
+    with pytest.raises(SpecError, match=rf"{'.'.join(keys)}: must be 0 or more .* got -1"):
+        load_spec(_write(tmp_path, _with(keys, -1)))
