@@ -29,7 +29,7 @@ from .conftest import ROOT, TINY
 
 # Every character str.splitlines breaks a line at, '\n' aside (and '\r\n', which holds one).
 SEPARATORS = ["\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
-N_EVAL = 30
+N_EVAL = 20
 
 
 def cli(*args, timeout=300):
@@ -60,7 +60,7 @@ def test_textio_keeps_every_separator_inside_its_line(tmp_path, sep):
 # One small corpus, two barely trained rows: a reference with every separator, a vocabulary too large
 # --------------------------------------------------------------------------------------------------
 def _corpus(shared: Path, root: Path) -> tuple:
-    """300 real training pairs; dev and test of 30 real pairs, where the German test references (and a few
+    """300 real training pairs; dev and test of N_EVAL real pairs, where the German test references (and a few
     English sources) hold every separator of SEPARATORS, inside a line and at its end."""
     d = root / "m30k"
     d.mkdir(parents=True)
@@ -88,7 +88,7 @@ def small(tmp_path_factory, shared_data):
     raw["model"]["vocab_size"] = 8000      # far more than 300 pairs support
     raw["data"].update(corpus="m30k", spm_model_type="unigram", spm_hard_vocab_limit=False, hub=None)
     raw["training"].update(steps=6, warmup_steps=2, eval_every=6, checkpoint_every=6, log_every=3)
-    raw["evaluation"].update(beams=[1, 2])
+    raw["evaluation"].update(beams=[1, 2], max_len_a=1.0, max_len_b=4, max_sentences=N_EVAL)   # short hypotheses: fast
     raw["variants"] = {"multi_head": {}, "multi_query": {"model": {"n_kv_heads": 1, "d_ff": "match"}}}
     spec = tmp / "sep.yaml"
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
