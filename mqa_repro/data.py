@@ -43,12 +43,15 @@ from .errors import UserError
 from .provenance import check_writable, sha256_file
 from .runtime import Progress
 from .spec import DataSpec, Spec, Variant, load_spec, spec_hash
+from .textio import decode_utf8, split_lines, write_lines
+from .textio import read_lines as read_text_lines
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-FORMAT_VERSION = 1      # bump when the prepared layout or processing changes: everything re-prepares
+FORMAT_VERSION = 2      # bump when the prepared layout or processing changes: everything re-prepares
 ENV_DATA = "MQA_REPRO_DATA"
 SOURCES = ("auto", "local", "hub")
 _ENCODE_CHUNK = 20_000  # lines per SentencePiece encode call (progress granularity)
+SPM_TRAIN_THREADS = 1   # SentencePiece training threads: fixed, the model must not depend on the CPU count
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,7 +211,10 @@ def corpus_file(corpus_dir: Path, data: DataSpec, stem: str, lang: Optional[str]
 
 
 def read_lines(path: Path) -> tuple[list, SourceFile]:
-    """All lines of a UTF-8 text file (``.gz`` decompressed), without line ends; its size, mtime and sha256."""
+    """All lines of a UTF-8 text file (``.gz`` decompressed), without line ends; its size, mtime and sha256.
+
+    Lines end at '\n' (or '\r\n') only: '\r', U+2028 and the other characters ``str.splitlines`` breaks at
+    stay inside their line, as in every file the tool reads or writes (:mod:`mqa_repro.textio`)."""
     st = path.stat()
     raw = path.read_bytes()
     info = SourceFile(path, st.st_size, st.st_mtime_ns, hashlib.sha256(raw).hexdigest())
@@ -217,17 +223,8 @@ def read_lines(path: Path) -> tuple[list, SourceFile]:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error):
             raise UserError(f"{path} is not a valid gzip file") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}: line {line} is not valid UTF-8") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    # '\n' ends a line and nothing else does (mqa_repro.textio); a '\r' just before it is a Windows line end
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in split_lines(decode_utf8(raw, path))]
     info.lines = len(lines)
     return lines, info
 
@@ -327,7 +324,12 @@ def moses_detokenize(line: str, lang: str = "en") -> str:
 # SentencePiece and encoding
 # --------------------------------------------------------------------------------------------------
 def train_sentencepiece(lines: Sequence[str], plan: DataPlan) -> bytes:
-    """Train the spec's SentencePiece model on (a seeded sample of) ``lines``; returns the model bytes."""
+    """Train the spec's SentencePiece model on (a seeded sample of) ``lines``; returns the model bytes.
+
+    The model depends only on the lines, the data section and the sentencepiece version: the sample and
+    SentencePiece's own generator are seeded (``data.spm_seed``), the input is not shuffled, and training
+    runs on ``SPM_TRAIN_THREADS`` (1) threads, since the learned piece order changes with the thread count
+    (and so, before, with the machine's CPU count)."""
     import sentencepiece as spm
 
     d = plan.data
@@ -343,7 +345,7 @@ def train_sentencepiece(lines: Sequence[str], plan: DataPlan) -> bytes:
             model_type=d.spm_model_type, character_coverage=d.spm_character_coverage,
             hard_vocab_limit=d.spm_hard_vocab_limit, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
             eos_id=EOS_ID, max_sentence_length=1 << 16, shuffle_input_sentence=False,
-            num_threads=os.cpu_count() or 1, minloglevel=2)
+            num_threads=SPM_TRAIN_THREADS, minloglevel=2)
     except RuntimeError as e:
         msg = str(e)
         m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
@@ -411,7 +413,8 @@ def _split_long(lengths: np.ndarray, limit: int) -> np.ndarray:
 
 
 def apply_length_policy(sides: dict, policy: str, limit: int) -> tuple[dict, dict]:
-    """Handle examples over ``limit`` ids on any side: truncate, drop (the pair), or split (one side only).
+    """Handle examples over ``limit`` ids on any side: truncate, drop (the pair), split (one side only), or
+    keep them whole (language-model evaluation text, which evaluate scores in pieces).
 
     ``sides`` maps side -> (tokens, lengths). Returns the new mapping and counts of what was done.
     """
@@ -420,7 +423,7 @@ def apply_length_policy(sides: dict, policy: str, limit: int) -> tuple[dict, dic
         over |= lengths > limit
     n_over = int(over.sum())
     counts = {"over_max": n_over, "truncated": 0, "dropped": 0, "split": 0}
-    if not n_over:
+    if not n_over or policy == "keep":
         return sides, counts
     if policy == "drop":
         counts["dropped"] = n_over
@@ -663,6 +666,12 @@ def _prepare_into(tmp: Path, plan: DataPlan, roles: Roles, kind: str, corpus_dir
     del train_text
     (tmp / "spm.model").write_bytes(model_bytes)
     sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    warnings = []
+    if sp.get_piece_size() < plan.vocab_size:
+        warnings.append(f"SentencePiece learned {sp.get_piece_size()} pieces, fewer than model.vocab_size "
+                        f"{plan.vocab_size} (data.spm_hard_vocab_limit: false); ids from "
+                        f"{sp.get_piece_size()} up have no piece and are never generated")
+        print(f"prepare: warning: {warnings[-1]}", file=sys.stderr, flush=True)
 
     # 3. encode, apply the length policy, write arrays
     dtype = token_dtype(plan.vocab_size)
@@ -675,8 +684,10 @@ def _prepare_into(tmp: Path, plan: DataPlan, roles: Roles, kind: str, corpus_dir
             encoded = {side: encode(sp, lines[side], dtype, advance) for side in plan.sides}
             if s["role"] == "train":
                 policy = d.too_long
-            else:  # evaluation sets keep every example: BLEU and perplexity are over the whole set
-                policy = "split" if (plan.task == "lm" and d.too_long == "split") else "truncate"
+            else:  # evaluation sets keep every example: BLEU and perplexity are over the whole set.
+                # LM text is kept whole, one example per line: evaluate scores a long line in pieces, so that
+                # the loss and the word count cover the same text (perplexity per word).
+                policy = "keep" if plan.task == "lm" else "truncate"
             encoded, counts = apply_length_policy(encoded, policy, plan.max_ids)
             s.update(counts, policy=policy)
             s["examples"] = int(len(next(iter(encoded.values()))[1]))
@@ -690,7 +701,7 @@ def _prepare_into(tmp: Path, plan: DataPlan, roles: Roles, kind: str, corpus_dir
                 np.save(tmp / f"{base}.offsets.npy", _offsets(lengths))
                 files = {"tokens": f"{base}.tokens.npy", "offsets": f"{base}.offsets.npy"}
                 if s["role"] != "train":
-                    (tmp / f"{base}.txt").write_text("".join(x + "\n" for x in lines[side]), encoding="utf-8")
+                    write_lines(tmp / f"{base}.txt", lines[side])
                     files["text"] = f"{base}.txt"
                 outputs.extend(files.values())
                 s["sides"][side] = {"token_count": int(lengths.sum()), "longest": int(lengths.max(initial=0)),
@@ -714,11 +725,14 @@ def _prepare_into(tmp: Path, plan: DataPlan, roles: Roles, kind: str, corpus_dir
         "sources": [i.record(root) for i in sources],
         "vocab_size": plan.vocab_size,
         "spm": {"file": "spm.model", "sha256": hashlib.sha256(model_bytes).hexdigest(),
-                "pieces": sp.get_piece_size(), "model_type": d.spm_model_type, "sample_lines": n_sample,
+                "sentencepiece_version": spm.__version__, "train_threads": SPM_TRAIN_THREADS,
+                "pieces": sp.get_piece_size(), "vocab_short_by": max(0, plan.vocab_size - sp.get_piece_size()),
+                "model_type": d.spm_model_type, "sample_lines": n_sample,
                 "seed": d.spm_seed, "pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID},
         "dtype": dtype.name,
         "max_ids": plan.max_ids,
         "splits": splits,
+        "warnings": warnings,
         "outputs": outputs,
         "git_sha": git_sha(),
         "created": now(),
@@ -776,6 +790,19 @@ class Prepared:
         return spm.SentencePieceProcessor(model_file=str(self.path / self.manifest["spm"]["file"]))
 
     @property
+    def piece_count(self) -> int:
+        """Pieces of the SentencePiece model: ids from here up have no piece and must never be generated
+        (fewer than ``vocab_size`` when ``data.spm_hard_vocab_limit: false`` met a small corpus)."""
+        return int(self.sp.get_piece_size())
+
+    def tokenizer(self) -> dict:
+        """What the subword counts depend on, for run manifests: sentencepiece version, model sha256, pieces."""
+        s = self.manifest.get("spm") or {}
+        return {"sentencepiece_version": s.get("sentencepiece_version")
+                or (self.manifest.get("versions") or {}).get("sentencepiece"),
+                "spm_sha256": s.get("sha256"), "pieces": s.get("pieces"), "model_type": s.get("model_type")}
+
+    @property
     def task(self) -> str:
         return self.manifest["task"]
 
@@ -826,8 +853,7 @@ class Prepared:
         info = self._side_info(stem, side)
         if "text" not in info["files"]:
             raise UserError(f"{self.path}: split {stem!r} is a training split; raw text is kept for dev/test only")
-        text = (self.path / info["files"]["text"]).read_text(encoding="utf-8")
-        return text.split("\n")[:-1]
+        return read_text_lines(self.path / info["files"]["text"])
 
 
 def load_prepared(path: Union[str, Path], variant: Optional[Variant] = None) -> Prepared:

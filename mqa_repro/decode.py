@@ -30,6 +30,12 @@ def forbid_specials(logits_NV, vocab_size: Optional[int] = None):
     return logits_NV
 
 
+def _limit(model: Transformer, vocab_limit: Optional[int]) -> int:
+    """The first id that may not be generated: model.vocab_size, or the tokenizer's piece count if lower."""
+    v = model.spec.vocab_size
+    return v if vocab_limit is None else min(v, int(vocab_limit))
+
+
 def length_penalty(length, alpha: float):
     return ((5.0 + length) / 6.0) ** alpha
 
@@ -43,8 +49,12 @@ def max_lengths(src_BS: Optional[torch.Tensor], batch: int, a: float, b: int, ca
 
 
 @torch.no_grad()
-def greedy(model: Transformer, src_BS=None, batch=None, max_len_B=None, max_len=256, prefix_BP=None):
+def greedy(model: Transformer, src_BS=None, batch=None, max_len_B=None, max_len=256, prefix_BP=None,
+           vocab_limit: Optional[int] = None):
     """Greedy decoding, batched; each row stops at EOS or its own limit. Returns (tokens, lengths).
+
+    ``vocab_limit``: ids from here up are never generated; pass the SentencePiece model's piece count
+    (``Prepared.piece_count``), which is below model.vocab_size when the corpus was too small for it.
 
     ``tokens`` [B, L] holds the generated ids (EOS included when produced, PAD after it).
     ``prefix_BP`` (decoder-only models) forces the first tokens after BOS.
@@ -59,7 +69,7 @@ def greedy(model: Transformer, src_BS=None, batch=None, max_len_B=None, max_len=
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tok = torch.full((batch,), BOS, dtype=torch.long, device=device)
     for t in range(steps):
-        tok = forbid_specials(model.decode_step(tok, t, state), model.spec.vocab_size).argmax(-1)
+        tok = forbid_specials(model.decode_step(tok, t, state), _limit(model, vocab_limit)).argmax(-1)
         tok = torch.where(done, torch.full_like(tok, PAD), tok)
         out[:, t] = tok
         done |= (tok == EOS) | (t + 1 >= max_len_B)
@@ -81,8 +91,10 @@ class BeamState:
 
 @torch.no_grad()
 def beam_search(model: Transformer, src_BS=None, batch=None, beam=4, alpha=0.6, max_len_B=None,
-                max_len=256):
-    """Beam search; returns (tokens [B, L], lengths [B], scores [B]) of the best finished hypothesis."""
+                max_len=256, vocab_limit: Optional[int] = None):
+    """Beam search; returns (tokens [B, L], lengths [B], scores [B]) of the best finished hypothesis.
+
+    ``vocab_limit`` as in :func:`greedy`: ids from here up (no SentencePiece piece) are never generated."""
     device = model.embed.weight.device
     batch = src_BS.shape[0] if src_BS is not None else batch
     k = beam
@@ -104,7 +116,7 @@ def beam_search(model: Transformer, src_BS=None, batch=None, beam=4, alpha=0.6, 
     base_B1 = (torch.arange(batch, device=device) * k)[:, None]
     for t in range(steps):
         logits_NV = model.decode_step(tok_N, t, state).float()
-        logp = torch.log_softmax(forbid_specials(logits_NV, model.spec.vocab_size), -1)
+        logp = torch.log_softmax(forbid_specials(logits_NV, _limit(model, vocab_limit)), -1)
         vocab = logp.shape[-1]
         cand = (s.alive_scores_BK[..., None] + logp.view(batch, k, vocab)).view(batch, k * vocab)
         top_scores, top_idx = cand.topk(2 * k, dim=-1)                     # [B, 2k]

@@ -12,7 +12,17 @@ the references they were scored against (``ref.<split>.txt``), so that
 ``sacrebleu ref.<split>.txt -i hyp.<split>.beam<k>.txt -tok intl`` reproduces every number.
 
 Language models: perplexity per subword token and per whitespace word (each sentence's EOS counts as a
-word, as in LM1B's convention) on dev and test.
+word, as in LM1B's convention) on dev and test. Evaluation text is never truncated: a line longer than
+data.max_len - 1 subwords is scored in consecutive pieces (each piece starts after BOS; only the last
+one predicts EOS), so the loss and the word count cover the same text; ``lines_scored_in_pieces`` counts
+such lines.
+
+Both tasks also record ``ln_ppl_per_word``: the same summed NLL (nats) divided by the whitespace words of
+the text the loss covers plus one EOS per sentence (the target side for translation). Unlike ln(PPL) per
+subword it does not depend on the SentencePiece model, so runs on different vocabularies compare.
+
+Decoding never emits an id without a SentencePiece piece: the search is limited to the tokenizer's
+piece count (``Prepared.piece_count``), which is below model.vocab_size when the corpus was short.
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ from .errors import UserError
 from .model import EOS, PAD
 from .provenance import manifest, now, write_json_atomic
 from .runtime import Progress, resolve_device
+from .textio import as_sacrebleu_cli_reads, one_line, write_lines
 from .train import (Examples, collate, corpus_nll, load_checkpoint, load_examples, model_from_checkpoint,
                     open_prepared, data_fingerprint)
 
@@ -42,8 +53,11 @@ def _say(text: str, enabled: bool) -> None:
 # Decoding a split
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def translate(model, ex: Examples, ev, beam: int, batch_size: int, device, advance=None) -> list:
+def translate(model, ex: Examples, ev, beam: int, batch_size: int, device, advance=None,
+              vocab_limit: Optional[int] = None) -> list:
     """Token ids of the best hypothesis for every source sentence, in the split's order (EOS removed).
+
+    ``vocab_limit``: the SentencePiece model's piece count; no id from there up is generated.
 
     Sentences are decoded in batches of similar source length (sorted), then put back in order.
     """
@@ -56,10 +70,10 @@ def translate(model, ex: Examples, ev, beam: int, batch_size: int, device, advan
         lim_B = max_lengths(src_BS, len(idx), ev.max_len_a, ev.max_len_b,
                             min(ev.max_len_cap, model.spec.max_positions), device)
         if beam == 1:
-            tokens_BL, lengths_B = greedy(model, src_BS, max_len_B=lim_B)
+            tokens_BL, lengths_B = greedy(model, src_BS, max_len_B=lim_B, vocab_limit=vocab_limit)
         else:
             tokens_BL, lengths_B, _ = beam_search(model, src_BS, beam=beam, alpha=ev.length_penalty,
-                                                  max_len_B=lim_B)
+                                                  max_len_B=lim_B, vocab_limit=vocab_limit)
         for row, i in enumerate(idx):
             ids = tokens_BL[row, : int(lengths_B[row])].tolist()
             if ids and ids[-1] == EOS:
@@ -71,9 +85,13 @@ def translate(model, ex: Examples, ev, beam: int, batch_size: int, device, advan
 
 
 def bleu_scores(hyps: list, refs: list, tokenizers) -> dict:
-    """sacrebleu corpus BLEU per tokenizer: {tok: {"score", "signature", "verbose"}}."""
+    """sacrebleu corpus BLEU per tokenizer: {tok: {"score", "signature", "verbose"}}.
+
+    Scored on the lines as ``sacrebleu REF -i HYP`` reads them back from the written files
+    (:func:`mqa_repro.textio.as_sacrebleu_cli_reads`), so that command reproduces every number."""
     from sacrebleu.metrics import BLEU
 
+    hyps, refs = as_sacrebleu_cli_reads(hyps), as_sacrebleu_cli_reads(refs)
     out = {}
     for tok in tokenizers:
         bleu = BLEU(tokenize=tok)
@@ -135,34 +153,43 @@ def evaluate_run(run_dir, splits=("dev", "test"), beams: Optional[list] = None, 
     if "test" in splits:
         stems += [("test", s) for s in d.test]
     limit = ev.max_sentences
+    piece_count = prepared.piece_count
     metrics = {"run": str(run_dir), "variant": variant.name, "spec": variant.spec_name,
                "spec_hash": variant.hash, "seed": ck["seed"], "checkpoint_step": ck["step"],
+               "data_manifest_hash": data_hash, "tokenizer": prepared.tokenizer(),
                "perplexity": {}, "bleu": []}
     translation = variant.model.is_seq2seq
     for role, stem in stems:
         ex = load_examples(prepared, variant, stem, limit)
-        with Progress(f"{stem} ln(ppl)", len(ex), enabled=progress) as bar:
-            total, count, _ = corpus_nll(model, ex, dev, batch_tokens=8192, progress=bar.advance)
-        ppl = {"role": role, "sentences": len(ex), "subword_tokens": count,
-               "ln_ppl_per_subword": total / count, "ppl_per_subword": math.exp(total / count)}
-        if not translation:
+        if translation:
+            scored, eos_scored, n_pieced = ex, None, 0
+            words = _target_words(prepared, stem, d.tgt_lang, ex, d.max_len - 1)
+        else:   # whole lines, the long ones in pieces: the loss covers every subword of the text
+            scored, eos_scored, n_pieced = _lm_pieces(prepared.split(stem, "text"), len(ex), d.max_len - 1)
             words = _count_words(prepared, stem, len(ex))
-            if words is not None:
-                ppl.update(words=words, ln_ppl_per_word=total / words, ppl_per_word=math.exp(total / words))
-            ppl["truncated_sentences"] = int(sum(len(t) >= d.max_len - 1 for t in ex.tgt))
+        with Progress(f"{stem} ln(ppl)", len(scored), enabled=progress) as bar:
+            total, count, _ = corpus_nll(model, scored, dev, batch_tokens=8192, progress=bar.advance,
+                                         eos_scored=eos_scored)
+        ppl = {"role": role, "sentences": len(ex), "subword_tokens": count,
+               "ln_ppl_per_subword": total / count, "ppl_per_subword": math.exp(total / count),
+               "nll_nats": total}
+        if words is not None:
+            ppl.update(words=words, ln_ppl_per_word=total / words, ppl_per_word=math.exp(total / words))
+        if not translation:
+            ppl["lines_scored_in_pieces"] = n_pieced
         metrics["perplexity"][stem] = ppl
         _say(f"{stem}: ln(ppl) per subword {ppl['ln_ppl_per_subword']:.4f}", progress)
         if not translation:
             continue
         refs = prepared.text(stem, d.tgt_lang)[: len(ex)]
         ref_file = run_dir / f"ref.{stem}.txt"
-        _write_lines(ref_file, refs)
+        write_lines(ref_file, refs)
         for beam in ([1] if role == "dev" else beams):
             with Progress(f"{stem} beam {beam}", len(ex), enabled=progress) as bar:
-                ids = translate(model, ex, ev, beam, bs, dev, bar.advance)
-            hyps = [prepared.sp.decode(x) for x in ids]
+                ids = translate(model, ex, ev, beam, bs, dev, bar.advance, vocab_limit=piece_count)
+            hyps = [one_line(prepared.sp.decode(x)) for x in ids]
             hyp_file = run_dir / f"hyp.{stem}.beam{beam}.txt"
-            _write_lines(hyp_file, hyps)
+            write_lines(hyp_file, hyps)
             for tok, s in bleu_scores(hyps, refs, ev.bleu_tokenizers).items():
                 metrics["bleu"].append({"split": stem, "role": role, "beam": beam, "tokenizer": tok,
                                         "score": s["score"], "signature": s["signature"], "verbose": s["verbose"],
@@ -173,13 +200,40 @@ def evaluate_run(run_dir, splits=("dev", "test"), beams: Optional[list] = None, 
     write_json_atomic(run_dir / "metrics.json", metrics)
     eval_prov = manifest(variant, ck["seed"], dev, checkpoint=str(ckpt_path.resolve()), checkpoint_step=ck["step"],
                          data_dir=str(Path(prepared.path).resolve()), data_manifest_hash=data_hash,
-                         splits=[s for _, s in stems], beams=beams, batch_size=bs)
+                         tokenizer=prepared.tokenizer(), splits=[s for _, s in stems], beams=beams,
+                         batch_size=bs)
     merged = dict(man)
     merged.update({k: eval_prov[k] for k in ("spec", "spec_hash", "seed", "checkpoint", "checkpoint_step",
-                                              "data_manifest_hash")})
+                                              "data_manifest_hash", "tokenizer")})
     merged["evaluation"] = {k: v for k, v in eval_prov.items() if k not in ("spec",)}
     write_json_atomic(run_dir / "manifest.json", merged)
     return metrics
+
+
+def _lm_pieces(arr, n: int, max_ids: int) -> tuple:
+    """The first ``n`` lines of an LM split as Examples of at most ``max_ids`` ids each: a longer line becomes
+    consecutive pieces, every id in exactly one. Returns (examples, eos_scored [pieces] bool: true on the
+    last piece of each line only, number of lines that needed more than one piece)."""
+    pieces, last, n_pieced = [], [], 0
+    for i in range(min(n, len(arr))):
+        ids = np.asarray(arr[i], dtype=np.int64)
+        starts = range(0, max(len(ids), 1), max_ids)
+        n_pieced += len(starts) > 1
+        for k, a in enumerate(starts):
+            pieces.append(ids[a:a + max_ids])
+            last.append(k == len(starts) - 1)
+    return Examples(tgt=pieces), np.asarray(last, dtype=bool), n_pieced
+
+
+def _target_words(prepared, stem: str, side: str, ex: Examples, max_ids: int) -> Optional[int]:
+    """Whitespace words of the target text the loss covers, plus one EOS per sentence: the raw reference
+    line, or, for a target prepare cut at ``max_ids`` subwords, the text of the ids that were kept."""
+    try:
+        lines = prepared.text(stem, side)[: len(ex)]
+    except (FileNotFoundError, KeyError, OSError):
+        return None
+    return sum(len((prepared.sp.decode(t.tolist()) if len(t) >= max_ids else line).split()) + 1
+               for line, t in zip(lines, ex.tgt))
 
 
 def _count_words(prepared, stem: str, n: int) -> Optional[int]:
@@ -189,13 +243,3 @@ def _count_words(prepared, stem: str, n: int) -> Optional[int]:
     except (FileNotFoundError, KeyError, OSError):
         return None
     return sum(len(line.split()) + 1 for line in lines)
-
-
-def _write_lines(path: Path, lines: list) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for line in lines:
-            f.write(line.replace("\n", " ") + "\n")
-    os.replace(tmp, path)

@@ -5,6 +5,9 @@ A run directory (``results/<spec>/<variant>/seed<N>/``) contributes through its 
 under the results folder whose ``kind`` is ``decode-bench``). Missing numbers are shown as missing.
 Runs of one variant made from different resolved specs are never averaged together: the newest spec
 hash wins and the others are listed as excluded; code versions (git shas) are named in the caption.
+Nor are runs of one spec made from different prepared data (another SentencePiece model or version, other
+source files: the manifests' ``data_manifest_hash``) averaged or compared: the newest run's data wins and
+the others are listed apart with the reason; the caption names the SentencePiece version and model hash.
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ from typing import Optional
 
 from . import paper
 from .errors import UserError
-from .spec import Variant, kv_cache_bytes
 from .names import METHODS, parse_uptrain_name
+from .spec import Variant, kv_cache_bytes
+from .textio import as_sacrebleu_cli_reads, read_lines
 
 MISSING = "–"
 NOT_COMPUTED = "not computed"   # a p-value the report was told not to compute (--bootstrap 0)
@@ -42,6 +46,8 @@ class Run:
     resolved: Variant
     metrics: Optional[dict]
     device: str
+    data_hash: Optional[str] = None   # data_manifest_hash: what the prepared data is (incl. the spm model)
+    tokenizer: Optional[dict] = None  # sentencepiece version, spm sha256, pieces
 
 
 @dataclass
@@ -160,7 +166,9 @@ def collect(root) -> Collection:
         dev = man.get("device", {})
         run = Run(run_dir, resolved.spec_name, resolved.name, int(man.get("seed", 0)), man.get("spec_hash", ""),
                   man.get("git_sha", "unknown"), man.get("created", ""), resolved, metrics,
-                  dev.get("name", "?") if isinstance(dev, dict) else str(dev))
+                  dev.get("name", "?") if isinstance(dev, dict) else str(dev),
+                  man.get("data_manifest_hash"), man.get("tokenizer") if isinstance(man.get("tokenizer"), dict)
+                  else None)
         by_key[(run.spec, run.variant)].append(run)
     for (spec, variant), runs in by_key.items():
         newest = max(runs, key=lambda r: r.created).spec_hash
@@ -170,6 +178,21 @@ def collect(root) -> Collection:
                 col.excluded.append((str(r.dir), f"spec hash {r.spec_hash[:12]} differs from the newest run's "
                                                  f"{newest[:12]} for {spec}/{variant}"))
         col.runs.setdefault(spec, {})[variant] = sorted(keep, key=lambda r: r.seed)
+    for spec, variants in col.runs.items():   # one table compares runs of one prepared data set only
+        newest = max((r for rs in variants.values() for r in rs), key=lambda r: r.created)
+        for variant in list(variants):
+            keep = []
+            for r in variants[variant]:
+                if r.data_hash == newest.data_hash:
+                    keep.append(r)
+                else:
+                    col.excluded.append((str(r.dir), f"prepared data {_data_label(r)} differs from the newest "
+                                                     f"{spec} run's {_data_label(newest)}; runs of different "
+                                                     f"prepared data are not compared"))
+            if keep:
+                variants[variant] = keep
+            else:
+                del variants[variant]
     for p in sorted(root.rglob("*.json")):
         if p.name in ("manifest.json", "metrics.json"):
             continue
@@ -194,6 +217,14 @@ def collect(root) -> Collection:
     return col
 
 
+def _data_label(r: Run) -> str:
+    """The prepared data of a run, in words: fingerprint, SentencePiece version and model hash."""
+    t = r.tokenizer or {}
+    spm = (f", SentencePiece {t.get('sentencepiece_version') or '?'} model {str(t.get('spm_sha256') or '?')[:12]}"
+           if t else "")
+    return f"{str(r.data_hash)[:12] if r.data_hash else 'unrecorded'}{spm}"
+
+
 # --------------------------------------------------------------------------------------------------
 # Numbers
 # --------------------------------------------------------------------------------------------------
@@ -212,9 +243,9 @@ def _bleu(m: dict, split: str, beam: int, tokenizer: str):
     return None
 
 
-def _ln_ppl(m: dict, split: str):
+def _ln_ppl(m: dict, split: str, key: str = "ln_ppl_per_subword"):
     p = (m or {}).get("perplexity", {}).get(split)
-    return p.get("ln_ppl_per_subword") if p else None
+    return p.get(key) if isinstance(p, dict) else None
 
 
 def _label(name: str) -> str:
@@ -267,8 +298,11 @@ def _caption(spec: str, runs: list, what: str) -> str:
              else f"{v.model.decoder_layers} layers") + f", d_model {v.model.d_model}"
     dtype = "bf16 autocast" if any("cuda" in str(d).lower() or "h100" in str(d).lower() or "nvidia" in str(d).lower()
                                    for d in devices) else "fp32"
+    toks = sorted({(str((r.tokenizer or {}).get("sentencepiece_version") or "?"),
+                    str((r.tokenizer or {}).get("spm_sha256") or "?")[:12]) for r in runs})
+    tok = "; ".join(f"SentencePiece {ver}, model sha256 {sha}" for ver, sha in toks)
     return (f"{what}: spec `{spec}` (corpus {v.data.corpus}, {scale}, {v.training.steps} steps); trained on "
-            f"{', '.join(devices)} ({dtype}); code {', '.join(shas)}; {len(runs)} runs.")
+            f"{', '.join(devices)} ({dtype}); code {', '.join(shas)}; tokenizer {tok}; {len(runs)} runs.")
 
 
 def table1(spec: str, variants: dict, bootstrap_samples: int = 1000) -> Table:
@@ -280,7 +314,7 @@ def table1(spec: str, variants: dict, bootstrap_samples: int = 1000) -> Table:
     top = max(beams)
     cols = [("variant", "attention"), ("h", "h"), ("kv_heads", "K/V heads"), ("d_k", "d_k, d_v"), ("d_ff", "d_ff"),
             ("window", "window"), ("params_m", "params (M)"), ("seeds", "seeds"),
-            ("ln_ppl_dev", "ln(PPL) dev"), ("paper_ln_ppl_dev", "paper"),
+            ("ln_ppl_dev", "ln(PPL) dev"), ("ln_ppl_word_dev", "ln(PPL) dev per word"), ("paper_ln_ppl_dev", "paper"),
             ("bleu_dev", "BLEU dev"), ("paper_bleu_dev", "paper")]
     for t in tests:
         for b in beams:
@@ -297,6 +331,7 @@ def table1(spec: str, variants: dict, bootstrap_samples: int = 1000) -> Table:
         row = {"variant": name, **_shape_cells(runs[0].resolved)}
         row["seeds"] = sum(m is not None for m in ms)
         row["ln_ppl_dev"] = _mean_sd([_ln_ppl(m, any_run.data.dev) for m in ms])
+        row["ln_ppl_word_dev"] = _mean_sd([_ln_ppl(m, any_run.data.dev, "ln_ppl_per_word") for m in ms])
         row["bleu_dev"] = _mean_sd([(_bleu(m, any_run.data.dev, 1, tok) or {}).get("score") for m in ms])
         for t in tests:
             for b in beams:
@@ -321,7 +356,10 @@ def table1(spec: str, variants: dict, bootstrap_samples: int = 1000) -> Table:
     cap = _caption(spec, runs_all, "Table 1 (translation quality)")
     p_note = (f"p: sacrebleu paired bootstrap ({bootstrap_samples} samples) of the lowest common seed against "
               f"multi-head" if bootstrap_samples > 0 else f"p: {NOT_COMPUTED} (--bootstrap 0)")
-    cap += (f" BLEU: sacrebleu, tokenizer {tok}; mean ± sd over seeds; {p_note}. Paper columns: WMT14 "
+    cap += (f" ln(PPL) dev: summed NLL (nats) per target subword (EOS included; depends on the SentencePiece "
+            f"model); per word: the same NLL per whitespace word of the reference text plus one EOS per sentence "
+            f"(independent of the tokenizer)."
+            f" BLEU: sacrebleu, tokenizer {tok}; mean ± sd over seeds; {p_note}. Paper columns: WMT14 "
             f"EN-DE at full scale (newstest2013 dev, newstest2014 test).")
     return Table(f"table1_{spec}", f"Table 1 — translation quality ({spec})", cols, rows, cap)
 
@@ -338,10 +376,10 @@ def _paired_p(base_runs, runs, split, beam, tok, samples):
         if not (bb and vb and bb.get("ref_file") and bb.get("hyp_file") and vb.get("hyp_file")):
             continue
         try:
-            refs = (b.dir / bb["ref_file"]).read_text(encoding="utf-8").splitlines()
-            hb = (b.dir / bb["hyp_file"]).read_text(encoding="utf-8").splitlines()
-            hv = (v.dir / vb["hyp_file"]).read_text(encoding="utf-8").splitlines()
-        except OSError:
+            # '\n'-only lines, as evaluate wrote and scored them (a '\r' or U+2028 stays inside its line)
+            refs, hb, hv = (as_sacrebleu_cli_reads(read_lines(p)) for p in
+                            (b.dir / bb["ref_file"], b.dir / bb["hyp_file"], v.dir / vb["hyp_file"]))
+        except (OSError, UserError):
             continue
         if not (len(refs) == len(hb) == len(hv)):
             continue
@@ -377,7 +415,9 @@ def table3(spec: str, variants: dict) -> Table:
         rows.append(row)
     runs_all = [r for rs in variants.values() for r in rs]
     cap = _caption(spec, runs_all, "Table 3 (language modelling)") + \
-        " Paper column: LM1B at full scale (192M parameters, 136k steps); perplexity per subword token."
+        (" Paper column: LM1B at full scale (192M parameters, 136k steps); perplexity per subword token. PPL (word): "
+         "exp(summed NLL / (whitespace words + one EOS per line)) over the same, untruncated text: independent of "
+         "the tokenizer.")
     return Table(f"table3_{spec}", f"Table 3 — language modelling ({spec})", cols, rows, cap)
 
 

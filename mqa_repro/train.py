@@ -473,8 +473,12 @@ def _spec_diff(a: dict, b: dict, prefix="") -> list:
 # Perplexity (shared with evaluate)
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def corpus_nll(model: Transformer, ex: Examples, device, batch_tokens: int = 8192, progress=None) -> tuple:
-    """(summed NLL in nats, target tokens incl. EOS, per-example NLL) over ``ex``, unpacked, by length."""
+def corpus_nll(model: Transformer, ex: Examples, device, batch_tokens: int = 8192, progress=None,
+               eos_scored: Optional[np.ndarray] = None) -> tuple:
+    """(summed NLL in nats, target tokens incl. EOS, per-example NLL) over ``ex``, unpacked, by length.
+
+    ``eos_scored`` (bool [len(ex)], default all true): where false, the example's EOS is neither scored nor
+    counted (a piece of a long line that the next piece continues: its line has not ended there)."""
     was_training = model.training
     model.eval()
     vocab = model.spec.vocab_size
@@ -492,11 +496,16 @@ def corpus_nll(model: Transformer, ex: Examples, device, batch_tokens: int = 819
         with autocast(device):
             logits = model(b.tgt_in_BT, b.src_BS, b.tgt_seg_BT, b.src_seg_BS)
         _, nll_BT, _ = token_losses(logits, b.tgt_out_BT, vocab)
-        nll_BT = nll_BT.masked_fill(b.tgt_out_BT == PAD, 0.0).double()
+        scored_BT = b.tgt_out_BT != PAD
+        if eos_scored is not None:
+            for r, k in enumerate(idx):
+                if not eos_scored[k]:
+                    scored_BT[r, len(ex.tgt[k])] = False
+        nll_BT = nll_BT.masked_fill(~scored_BT, 0.0).double()
         per_row = nll_BT.sum(1).cpu().numpy()
         per_example[idx] = per_row
         total += float(per_row.sum())
-        count += int((b.tgt_out_BT != PAD).sum())
+        count += int(scored_BT.sum())
         if progress is not None:
             progress(len(idx))
         i = j
@@ -648,7 +657,7 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
         write_json_atomic(rdir / "manifest.json", manifest(
             variant, seed, dev, checkpoint=str(ckpt_path.resolve()), checkpoint_step=step,
             data_dir=str(Path(prepared.path).resolve()), data_manifest_hash=data_hash,
-            world_size=d.world, parameters=n_params, status="training", **_init_field(init_info)))
+            tokenizer=prepared.tokenizer(), world_size=d.world, parameters=n_params, status="training", **_init_field(init_info)))
 
     def checkpoint(at_step):
         states = _gather_rng(d, dev)
@@ -758,7 +767,7 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
         write_json_atomic(rdir / "manifest.json", manifest(
             variant, seed, dev, checkpoint=str(ckpt_path.resolve()), checkpoint_step=step,
             data_dir=str(Path(prepared.path).resolve()), data_manifest_hash=data_hash,
-            world_size=d.world, parameters=n_params, status=status, dev_ln_ppl=dev_ln_ppl,
+            tokenizer=prepared.tokenizer(), world_size=d.world, parameters=n_params, status=status, dev_ln_ppl=dev_ln_ppl,
             **_init_field(init_info)))
     return TrainResult(rdir, ckpt_path, step, dev_ln_ppl, losses)
 

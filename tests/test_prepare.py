@@ -126,7 +126,11 @@ def test_wikitext103_splits_long_paragraphs(tmp_path, shared_data):
     assert train["lines"] == 9742 and train["blank_dropped"] > 0 and train["split"] > 0
     assert train["examples"] > train["lines"] - train["blank_dropped"]
     assert m["splits"]["wiki.valid.tokens"]["lines"] == 3760 and m["splits"]["wiki.test.tokens"]["lines"] == 4358
-    assert all(s["sides"]["text"]["longest"] <= m["max_ids"] for s in m["splits"].values())
+    assert train["sides"]["text"]["longest"] <= m["max_ids"]
+    for stem in ("wiki.valid.tokens", "wiki.test.tokens"):   # evaluation text is kept whole, one example a line
+        s = m["splits"][stem]
+        assert s["policy"] == "keep" and s["examples"] == s["lines"] - s["blank_dropped"] and s["over_max"] > 0
+        assert s["sides"]["text"]["longest"] > m["max_ids"]
 
 
 def test_changed_input_prepares_again_and_is_deterministic(tmp_path, shared_data):
