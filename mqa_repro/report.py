@@ -5,6 +5,8 @@ A run directory (``results/<spec>/<variant>/seed<N>/``) contributes through its 
 under the results folder whose ``kind`` is ``decode-bench``). Missing numbers are shown as missing.
 Runs of one variant made from different resolved specs are never averaged together: the newest spec
 hash wins and the others are listed as excluded; code versions (git shas) are named in the caption.
+Unfinished runs (status not ``finished``, or checkpoint, metrics or training log short of the spec's
+``training.steps``) are listed apart with the reason, never put into a table under that step count.
 """
 from __future__ import annotations
 
@@ -89,6 +91,10 @@ def collect(root) -> Collection:
             elif metrics.get("spec_hash") not in (None, man.get("spec_hash")):
                 col.excluded.append((str(run_dir), "metrics.json was computed for another spec hash"))
                 metrics = None
+        why = unfinished(man, metrics, resolved, run_dir)
+        if why:
+            col.excluded.append((str(run_dir), why))
+            continue
         dev = man.get("device", {})
         run = Run(run_dir, resolved.spec_name, resolved.name, int(man.get("seed", 0)), man.get("spec_hash", ""),
                   man.get("git_sha", "unknown"), man.get("created", ""), resolved, metrics,
@@ -114,6 +120,35 @@ def collect(root) -> Collection:
     inputs = {p.parent for p, _ in col.multi_gpu}
     col.benches = [(p, d) for p, d in col.benches if p.parent not in inputs]
     return col
+
+
+def _last_logged_step(run_dir: Path) -> Optional[int]:
+    from .train import read_log
+
+    try:
+        steps = [r.get("step") for r in read_log(run_dir / "train_log.jsonl")]
+    except (OSError, UserError):
+        return None
+    steps = [s for s in steps if isinstance(s, int)]
+    return max(steps) if steps else None
+
+
+def unfinished(man: dict, metrics, v: Variant, run_dir: Path) -> Optional[str]:
+    """Why a run has not trained all of its spec's ``training.steps`` (None when it has): its manifest's
+    status or checkpoint step, the step its metrics were computed at, or its training log falls short."""
+    steps = v.training.steps
+    status = man.get("status")
+    if status is not None and status != "finished":
+        at = man.get("checkpoint_step")
+        where = f"; its checkpoint is at step {at} of {steps}" if isinstance(at, int) else ""
+        return f"unfinished: training status {status!r}{where} (resume it with `mqa-repro train --resume`)"
+    for what, step in (("its checkpoint", man.get("checkpoint_step")),
+                       ("its metrics were computed", (metrics or {}).get("checkpoint_step")
+                        if isinstance(metrics, dict) else None),
+                       ("its training log ends", _last_logged_step(run_dir))):
+        if isinstance(step, int) and step < steps:
+            return f"unfinished: {what} at step {step} of the spec's {steps}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
