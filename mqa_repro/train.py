@@ -752,7 +752,6 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
 
     def checkpoint(at_step):
         states = _gather_rng(d, dev)
-        saved["step"] = at_step
         if d.main:
             save_checkpoint(ckpt_path, {
                 "format": CHECKPOINT_FORMAT, "step": at_step, "seed": seed,
@@ -762,6 +761,7 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
                 "spec": variant.to_dict(), "spec_hash": variant.hash, "training_hash": variant.training_hash,
                 "data_manifest_hash": data_hash,
                 "dev_ln_ppl": dev_ln_ppl, "init": init_info})
+        saved["step"] = at_step
 
     def dev_eval():
         total, count, _ = corpus_nll(model, dev_ex, dev, batch_tokens=max(t.batch_tokens, 4096))
