@@ -117,11 +117,88 @@ def _read_manifest(run_dir: Path) -> dict:
         raise UserError(f"{p} is not valid JSON") from None
 
 
+def evaluation_settings(variant) -> dict:
+    """The evaluation settings that change a number (not which numbers exist: beams, tokenizers; nor the
+    batch size): scores computed under other settings are not merged with these."""
+    ev = variant.evaluation
+    return {"max_sentences": ev.max_sentences, "length_penalty": ev.length_penalty, "max_len_a": ev.max_len_a,
+            "max_len_b": ev.max_len_b, "max_len_cap": ev.max_len_cap}
+
+
+def required_scores(variant) -> tuple:
+    """What a complete evaluation of ``variant`` holds: (perplexity split stems, {(split, beam, tokenizer)}).
+
+    Translation: dev greedy and every test set with every beam of evaluation.beams, each with every
+    tokenizer of evaluation.bleu_tokenizers; language models: perplexity on dev and every test set."""
+    d, ev = variant.data, variant.evaluation
+    stems = [d.dev, *d.test]
+    bleu = set()
+    if variant.model.kind == "encoder-decoder":
+        bleu = {(d.dev, 1, tok) for tok in ev.bleu_tokenizers}
+        bleu |= {(stem, beam, tok) for stem in d.test for beam in ev.beams for tok in ev.bleu_tokenizers}
+    return stems, bleu
+
+
+def missing_scores(metrics, variant) -> Optional[list]:
+    """What ``variant``'s spec asks for that ``metrics`` (a metrics.json dict) lacks: a list of short names
+    (empty: complete), or None when the metrics are not of this training, final step or settings."""
+    if not isinstance(metrics, dict) or metrics.get("checkpoint_step") != variant.training.steps:
+        return None
+    if "training_hash" in metrics:
+        if (metrics["training_hash"] != variant.training_hash
+                or metrics.get("evaluation_settings") != evaluation_settings(variant)):
+            return None
+    elif metrics.get("spec_hash") != variant.hash:   # written before training hashes: the same whole spec
+        return None
+    stems, bleu = required_scores(variant)
+    have_ppl = metrics.get("perplexity") if isinstance(metrics.get("perplexity"), dict) else {}
+    have_bleu = {(b.get("split"), b.get("beam"), b.get("tokenizer"))
+                 for b in metrics.get("bleu") or [] if isinstance(b, dict)}
+    return ([f"{s} perplexity" for s in stems if s not in have_ppl]
+            + [f"{s} BLEU beam {k} {t}" for s, k, t in sorted(bleu - have_bleu, key=str)])
+
+
+def _merge(old, new: dict) -> dict:
+    """``new`` scores over ``old`` ones of the same checkpoint, data and settings (a split, beam and
+    tokenizer computed again replaces its old entry); anything else in ``old`` is dropped."""
+    same = (isinstance(old, dict)
+            and all(old.get(k) == new[k] for k in ("training_hash", "checkpoint_step", "data_manifest_hash",
+                                                     "evaluation_settings", "seed")))
+    if not same:
+        return new
+    out = dict(new)
+    ppl = dict(old.get("perplexity") or {})
+    ppl.update(new["perplexity"])
+    out["perplexity"] = ppl
+    fresh = {(b["split"], b["beam"], b["tokenizer"]) for b in new["bleu"]}
+    out["bleu"] = [b for b in old.get("bleu") or [] if isinstance(b, dict)
+                   and (b.get("split"), b.get("beam"), b.get("tokenizer")) not in fresh] + new["bleu"]
+    return out
+
+
 def evaluate_run(run_dir, splits=("dev", "test"), beams: Optional[list] = None, batch_size: Optional[int] = None,
                  device="auto", data: Optional[Path] = None, checkpoint: Optional[Path] = None,
-                 progress: bool = True) -> dict:
-    """Evaluate the checkpoint of ``run_dir``; writes metrics.json, hypotheses and manifest.json there."""
+                 progress: bool = True, variant=None) -> dict:
+    """Evaluate the checkpoint of ``run_dir``; writes metrics.json, hypotheses and manifest.json there.
+
+    The scores are merged into metrics.json (atomically): a split, beam and tokenizer computed now replaces
+    its old entry, the others are kept when they were computed from the same checkpoint, data and
+    evaluation settings (:func:`evaluation_settings`). Returns the scores computed by this call.
+    ``variant``: the evaluation settings to use (``mqa-repro run`` passes the spec's; its training hash must
+    match the checkpoint's); default the spec recorded in the run's manifest.
+    One process at a time per run folder (runlock.py): UserError when another holds it."""
+    from .runlock import own
+
     run_dir = Path(run_dir)
+    _read_manifest(run_dir)
+    with own(run_dir, command="mqa-repro evaluate"):
+        return _evaluate_run(run_dir, splits, beams, batch_size, device, data, checkpoint, progress, variant)
+
+
+def _evaluate_run(run_dir, splits, beams, batch_size, device, data, checkpoint, progress, variant) -> dict:
+    from .spec import Variant
+    from .train import checkpoint_training_hash
+
     man = _read_manifest(run_dir)
     ckpt_path = Path(checkpoint) if checkpoint else Path(man.get("checkpoint", ""))
     if not man.get("checkpoint") and checkpoint is None:
@@ -133,10 +210,23 @@ def evaluate_run(run_dir, splits=("dev", "test"), beams: Optional[list] = None, 
     if dev.type == "cuda":   # decoding runs in float32; TF32 matmuls keep it fast on the GPU
         torch.backends.cuda.matmul.allow_tf32 = True
     ck = load_checkpoint(ckpt_path)
-    if man.get("spec_hash") and ck.get("spec_hash") != man["spec_hash"]:
+    ck_th = checkpoint_training_hash(ck)
+    recorded = None       # the run's spec as its manifest records it (evaluation settings may be newer)
+    if isinstance(man.get("spec"), dict):
+        try:
+            recorded = Variant.from_dict(man["spec"], source=str(run_dir / "manifest.json"))
+        except Exception:  # noqa: BLE001 - an older schema: the checkpoint's spec is used
+            recorded = None
+    if man.get("spec_hash") and ck.get("spec_hash") != man["spec_hash"] and not (
+            recorded is not None and recorded.hash == man["spec_hash"] and recorded.training_hash == ck_th):
         raise UserError(f"the spec recorded in {run_dir}/manifest.json does not match the checkpoint at "
                         f"{ckpt_path} (spec hash {man['spec_hash'][:12]} vs {str(ck.get('spec_hash'))[:12]})")
-    variant, model = model_from_checkpoint(ck, dev)
+    trained, model = model_from_checkpoint(ck, dev)
+    if variant is not None and variant.training_hash != ck_th:
+        raise UserError(f"the checkpoint at {ckpt_path} was trained with another spec than "
+                        f"{variant.spec_name}/{variant.name} (training sections differ); train it again")
+    if variant is None:
+        variant = recorded if recorded is not None and recorded.training_hash == ck_th else trained
     ev = variant.evaluation
     beams = list(beams or ev.beams)
     bs = batch_size or ev.batch_size
@@ -155,8 +245,9 @@ def evaluate_run(run_dir, splits=("dev", "test"), beams: Optional[list] = None, 
     limit = ev.max_sentences
     piece_count = prepared.piece_count
     metrics = {"run": str(run_dir), "variant": variant.name, "spec": variant.spec_name,
-               "spec_hash": variant.hash, "seed": ck["seed"], "checkpoint_step": ck["step"],
-               "data_manifest_hash": data_hash, "tokenizer": prepared.tokenizer(),
+               "spec_hash": variant.hash, "training_hash": ck_th, "seed": ck["seed"],
+               "checkpoint_step": ck["step"], "data_manifest_hash": data_hash, "tokenizer": prepared.tokenizer(),
+               "evaluation_settings": evaluation_settings(variant),
                "perplexity": {}, "bleu": []}
     translation = variant.model.is_seq2seq
     for role, stem in stems:
@@ -197,7 +288,15 @@ def evaluate_run(run_dir, splits=("dev", "test"), beams: Optional[list] = None, 
                                         "sentences": len(hyps)})
                 _say(f"{stem} beam {beam}: BLEU {s['score']:.2f}  {s['signature']}", progress)
     metrics["created"] = now()
-    write_json_atomic(run_dir / "metrics.json", metrics)
+    old = None
+    if (run_dir / "metrics.json").is_file():
+        import json
+
+        try:
+            old = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        except ValueError:
+            old = None   # unreadable: replaced by what was computed now
+    write_json_atomic(run_dir / "metrics.json", _merge(old, metrics))
     eval_prov = manifest(variant, ck["seed"], dev, checkpoint=str(ckpt_path.resolve()), checkpoint_step=ck["step"],
                          data_dir=str(Path(prepared.path).resolve()), data_manifest_hash=data_hash,
                          tokenizer=prepared.tokenizer(), splits=[s for _, s in stems], beams=beams,
@@ -205,6 +304,7 @@ def evaluate_run(run_dir, splits=("dev", "test"), beams: Optional[list] = None, 
     merged = dict(man)
     merged.update({k: eval_prov[k] for k in ("spec", "spec_hash", "seed", "checkpoint", "checkpoint_step",
                                               "data_manifest_hash", "tokenizer")})
+    merged["training_hash"] = ck_th
     merged["evaluation"] = {k: v for k, v in eval_prov.items() if k not in ("spec",)}
     write_json_atomic(run_dir / "manifest.json", merged)
     return metrics

@@ -1,14 +1,18 @@
 """``mqa-repro run``: prepare -> train -> evaluate -> bench -> report, skipping what is already done.
 
 A stage is skipped for a run when its output exists for the same inputs: the prepared data when its
-manifest matches (``prepare`` decides), training when the run's manifest says ``finished`` for the same
-resolved-spec hash, evaluation when ``metrics.json`` was computed from that spec hash at the final
-checkpoint step, the benchmark when its JSON holds the same spec hashes. Several small variants can
-train side by side (``--jobs``): each is its own ``mqa-repro train`` process.
+manifest matches (``prepare`` decides), training when the run's manifest says ``finished`` at the last
+step for the same training hash (model, data and training sections: evaluation and benchmark settings may
+change), evaluation when ``metrics.json`` holds every score the spec asks for (splits x beams x
+tokenizers; LMs: splits) from the final checkpoint under the same evaluation settings, the benchmark when
+its JSON holds the same spec hashes. Several small variants can train side by side (``--jobs``): each is
+its own ``mqa-repro train`` process, killed when ``run`` stops (Linux: also when it is killed).
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,14 +41,56 @@ def _read(path: Path) -> Optional[dict]:
 
 
 def training_done(run_dir: Path, variant) -> bool:
+    from .train import manifest_training_hash
+
     man = _read(run_dir / "manifest.json")
-    return bool(man and man.get("status") == "finished" and man.get("spec_hash") == variant.hash
+    return bool(isinstance(man, dict) and man.get("status") == "finished"
+                and manifest_training_hash(man) == variant.training_hash
                 and man.get("checkpoint_step") == variant.training.steps)
 
 
 def evaluation_done(run_dir: Path, variant) -> bool:
-    met = _read(run_dir / "metrics.json")
-    return bool(met and met.get("spec_hash") == variant.hash and met.get("checkpoint_step") == variant.training.steps)
+    """metrics.json holds every score ``variant``'s spec asks for (evaluate.missing_scores)."""
+    from .evaluate import missing_scores
+
+    return missing_scores(_read(run_dir / "metrics.json"), variant) == []
+
+
+def _die_with_parent(parent: int):
+    """preexec_fn of a child process: its own process group (a terminal's Ctrl-C reaches the parent only,
+    which then stops it once, see stop_children), and on Linux SIGTERM when the parent dies (even by
+    SIGKILL)."""
+    def set_death_signal():
+        os.setpgid(0, 0)
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM, 0, 0, 0)     # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):              # not Linux: the parent's finally still stops it
+            return
+        if os.getppid() != parent:                     # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return set_death_signal
+
+
+def spawn_child(cmd: list, log) -> subprocess.Popen:
+    """A child process (output to ``log``) that dies with this process (see _die_with_parent)."""
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(os.getpid()))
+
+
+def stop_children(procs: list, grace: float = 30.0) -> None:
+    """SIGTERM each running child (training saves a checkpoint and exits), then SIGKILL what is left."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.time() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def bench_done(path: Path, variants: list) -> bool:
@@ -58,6 +104,17 @@ def _train_in_subprocesses(todo: list, spec_path: str, jobs: int, device: str, d
     pending, running, failed = list(todo), [], []
     logs_dir = results / ".logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _run_jobs(pending, running, failed, jobs, spec_path, device, data, results, checkpoints, logs_dir, say)
+    finally:   # run stopped (an error, Ctrl-C): its children stop too
+        stop_children([proc for _, _, proc, _ in running])
+        for *_, log in running:
+            log.close()
+    if failed:
+        raise UserError(f"training failed for {'; '.join(failed)}; logs are in {logs_dir}")
+
+
+def _run_jobs(pending, running, failed, jobs, spec_path, device, data, results, checkpoints, logs_dir, say):
     while pending or running:
         while pending and len(running) < jobs:
             v, seed, resume = pending.pop(0)
@@ -68,7 +125,7 @@ def _train_in_subprocesses(todo: list, spec_path: str, jobs: int, device: str, d
             if data:
                 cmd += ["--data", data]
             log = open(logs_dir / f"train.{v.spec_name}.{v.name}.seed{seed}.log", "w")
-            running.append((v, seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+            running.append((v, seed, spawn_child(cmd, log), log))
             say(f"train {v.name} seed {seed}: started (log {log.name})")
         time.sleep(0.5)
         for item in list(running):
@@ -82,8 +139,6 @@ def _train_in_subprocesses(todo: list, spec_path: str, jobs: int, device: str, d
             else:
                 tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-1:]
                 failed.append(f"{v.name} seed {seed} ({tail[0] if tail else 'no output'})")
-    if failed:
-        raise UserError(f"training failed for {'; '.join(failed)}; logs are in {logs_dir}")
 
 
 def run_pipeline(spec: Spec, *, stages=STAGES, variants: Optional[list] = None, seeds: int = 1, jobs: int = 1,
@@ -136,7 +191,7 @@ def run_pipeline(spec: Spec, *, stages=STAGES, variants: Optional[list] = None, 
             if not training_done(rd, v):
                 raise UserError(f"cannot evaluate {rd}: its training has not finished (run the train stage)")
             say(f"evaluate {v.name} seed {seed}")
-            evaluate_run(rd, device=device, progress=progress, data=data_path)
+            evaluate_run(rd, device=device, progress=progress, data=data_path, variant=v)
 
     if "bench" in stages:
         from .bench import default_config, run_bench

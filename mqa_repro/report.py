@@ -8,6 +8,8 @@ hash wins and the others are listed as excluded; code versions (git shas) are na
 Nor are runs of one spec made from different prepared data (another SentencePiece model or version, other
 source files: the manifests' ``data_manifest_hash``) averaged or compared: the newest run's data wins and
 the others are listed apart with the reason; the caption names the SentencePiece version and model hash.
+Unfinished runs (status not ``finished``, or checkpoint, metrics or training log short of the spec's
+``training.steps``) are listed apart with the reason, never put into a table under that step count.
 """
 from __future__ import annotations
 
@@ -163,6 +165,10 @@ def collect(root) -> Collection:
             elif metrics.get("spec_hash") not in (None, man.get("spec_hash")):
                 col.excluded.append((str(run_dir), "metrics.json was computed for another spec hash"))
                 metrics = None
+        why = unfinished(man, metrics, resolved, run_dir)
+        if why:
+            col.excluded.append((str(run_dir), why))
+            continue
         dev = man.get("device", {})
         run = Run(run_dir, resolved.spec_name, resolved.name, int(man.get("seed", 0)), man.get("spec_hash", ""),
                   man.get("git_sha", "unknown"), man.get("created", ""), resolved, metrics,
@@ -223,6 +229,35 @@ def _data_label(r: Run) -> str:
     spm = (f", SentencePiece {t.get('sentencepiece_version') or '?'} model {str(t.get('spm_sha256') or '?')[:12]}"
            if t else "")
     return f"{str(r.data_hash)[:12] if r.data_hash else 'unrecorded'}{spm}"
+
+
+def _last_logged_step(run_dir: Path) -> Optional[int]:
+    from .train import read_log
+
+    try:
+        steps = [r.get("step") for r in read_log(run_dir / "train_log.jsonl")]
+    except (OSError, UserError):
+        return None
+    steps = [s for s in steps if isinstance(s, int)]
+    return max(steps) if steps else None
+
+
+def unfinished(man: dict, metrics, v: Variant, run_dir: Path) -> Optional[str]:
+    """Why a run has not trained all of its spec's ``training.steps`` (None when it has): its manifest's
+    status or checkpoint step, the step its metrics were computed at, or its training log falls short."""
+    steps = v.training.steps
+    status = man.get("status")
+    if status is not None and status != "finished":
+        at = man.get("checkpoint_step")
+        where = f"; its checkpoint is at step {at} of {steps}" if isinstance(at, int) else ""
+        return f"unfinished: training status {status!r}{where} (resume it with `mqa-repro train --resume`)"
+    for what, step in (("its checkpoint", man.get("checkpoint_step")),
+                       ("its metrics were computed", (metrics or {}).get("checkpoint_step")
+                        if isinstance(metrics, dict) else None),
+                       ("its training log ends", _last_logged_step(run_dir))):
+        if isinstance(step, int) and step < steps:
+            return f"unfinished: {what} at step {step} of the spec's {steps}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

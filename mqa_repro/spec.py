@@ -230,6 +230,12 @@ class Variant:
     def hash(self) -> str:
         return spec_hash(self.to_dict())
 
+    @property
+    def training_hash(self) -> str:
+        """Hash of what the trained weights depend on (:data:`TRAINING_SECTIONS`): a checkpoint must match
+        it to be resumed; evaluation and benchmark settings may change freely."""
+        return training_hash(self.to_dict())
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "<checkpoint>") -> "Variant":
         key = lambda s: s  # noqa: E731
@@ -266,6 +272,16 @@ class Spec:
 def spec_hash(d: dict) -> str:
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# The sections training reads: the model, the data (which also defines the prepared data) and the recipe.
+TRAINING_SECTIONS = ("model", "data", "training")
+
+
+def training_hash(d: dict) -> str:
+    """Hash of the training-relevant part of a resolved spec dict (``Variant.to_dict()``): the schema
+    version and :data:`TRAINING_SECTIONS`; ``evaluation`` and ``benchmark`` are left out."""
+    return spec_hash({k: d.get(k) for k in ("schema_version", *TRAINING_SECTIONS)})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from .errors import OutputError, UserError
 from .model import BOS, EOS, PAD, Transformer, count_parameters
 from .provenance import check_writable, describe_os_error, manifest, sha256_file, write_json_atomic
 from .runtime import Progress, autocast, resolve_device
-from .spec import Variant, spec_hash
+from .spec import TRAINING_SECTIONS, Variant, spec_hash, training_hash
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "last.pt"
@@ -405,9 +405,12 @@ def set_rng_state(s: dict, device: torch.device) -> None:
 
 
 def save_checkpoint(path: Path, obj: dict) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then rename over it (never a half file)."""
+    """torch.save to a temporary file beside ``path``, fsync, then rename over it (never a half file).
+
+    The temporary's name is fixed (``.last.pt.tmp``; one writer per folder, see runlock.py): a write cut
+    short by SIGKILL leaves at most one, which the next write replaces and the next start removes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -578,13 +581,66 @@ def train_variant(variant: Variant, seed: Optional[int] = None, *, device="auto"
     dev = resolve_device(device) if isinstance(device, str) else device
     dist_ = init_distributed(dev)
     try:
-        return _train(variant, seed, dev, dist_, resume, Path(out_root), Path(checkpoint_root), data,
-                      stop_after, progress, init)
+        with _own_run(run_dir(variant, seed, out_root), checkpoint_dir(variant, seed, checkpoint_root), dist_,
+                      "uptrain" if init is not None else "train"):
+            return _train(variant, seed, dev, dist_, resume, Path(out_root), Path(checkpoint_root), data,
+                          stop_after, progress, init)
     finally:
         if dist_.group_started_here:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _own_run(rdir: Path, cdir: Path, d: "Dist", command: str):
+    """Rank 0 holds the run and checkpoint folders (runlock.own) and removes stale temporaries there; every
+    rank learns whether it could, so that a refused torchrun stops on all ranks instead of hanging."""
+    from .runlock import clean_temporaries, own, stderr_line
+
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if d.main:
+            try:
+                stack.enter_context(own(rdir, cdir, command=f"mqa-repro {command}"))
+            except UserError as e:
+                refused = e
+        if d.on:
+            flag = torch.tensor([1.0 if refused else 0.0], device=_collective_device(d))
+            if _all_sum(flag, d).item() and refused is None:
+                raise UserError(f"rank 0 could not take {rdir} (another process holds it)")
+        if refused is not None:
+            raise refused
+        if d.main:
+            for folder in (rdir, cdir):
+                clean_temporaries(folder, stderr_line)
+        yield
+
+
+def _collective_device(d: "Dist") -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def checkpoint_training_hash(ck: dict) -> Optional[str]:
+    """The training hash a checkpoint was written for: stored since it exists; for older checkpoints
+    recomputed from the resolved spec they hold."""
+    if ck.get("training_hash"):
+        return ck["training_hash"]
+    try:
+        return Variant.from_dict(ck["spec"]).training_hash
+    except Exception:  # noqa: BLE001 - a spec of an older schema: hash it as stored
+        return training_hash(ck.get("spec") or {})
+
+
+def manifest_training_hash(man: dict) -> Optional[str]:
+    """The training hash of a run's manifest.json (recomputed from its spec for older manifests)."""
+    if man.get("training_hash"):
+        return man["training_hash"]
+    return checkpoint_training_hash({"spec": man["spec"]}) if isinstance(man.get("spec"), dict) else None
 
 
 def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_after, progress,
@@ -609,12 +665,16 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
         if not ckpt_path.is_file():
             raise UserError(f"--resume: no checkpoint at {ckpt_path} (train without --resume to start)")
         ck = load_checkpoint(ckpt_path)
-        if ck["spec_hash"] != variant.hash:
-            diff = _spec_diff(ck["spec"], variant.to_dict())
+        if checkpoint_training_hash(ck) != variant.training_hash:   # evaluation/benchmark may differ
+            diff = [k for k in _spec_diff(ck["spec"], variant.to_dict())
+                    if k.split(".")[0] in TRAINING_SECTIONS + ("schema_version",)]
             raise UserError(f"--resume: the checkpoint at {ckpt_path} was trained with a different spec "
                             f"(differs in {', '.join(diff) or 'its hash'}); use the same spec and --set values")
         if ck["seed"] != seed:
             raise UserError(f"--resume: the checkpoint at {ckpt_path} is for seed {ck['seed']}, not {seed}")
+        if ck.get("data_manifest_hash") and ck["data_manifest_hash"] != data_fingerprint(prepared):
+            raise UserError(f"--resume: the prepared data at {prepared.path} is not the data the checkpoint at "
+                            f"{ckpt_path} was trained on (its fingerprint differs); pass the right --data")
         if ck["step"] >= t.steps:
             raise UserError(f"--resume: the checkpoint at {ckpt_path} has already finished all {t.steps} steps")
     elif ckpt_path.is_file():
@@ -657,7 +717,11 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
         write_json_atomic(rdir / "manifest.json", manifest(
             variant, seed, dev, checkpoint=str(ckpt_path.resolve()), checkpoint_step=step,
             data_dir=str(Path(prepared.path).resolve()), data_manifest_hash=data_hash,
-            tokenizer=prepared.tokenizer(), world_size=d.world, parameters=n_params, status="training", **_init_field(init_info)))
+            tokenizer=prepared.tokenizer(), world_size=d.world, parameters=n_params, status="training",
+            training_hash=variant.training_hash,
+            **_init_field(init_info)))
+
+    saved = {"step": step if ck is not None else None}   # the step of the checkpoint on disk
 
     def checkpoint(at_step):
         states = _gather_rng(d, dev)
@@ -667,8 +731,10 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": {"name": t.schedule, "step": at_step, "lr": lr_at(at_step, t)},
                 "rng": states, "data": stream.position, "world_size": d.world,
-                "spec": variant.to_dict(), "spec_hash": variant.hash, "data_manifest_hash": data_hash,
+                "spec": variant.to_dict(), "spec_hash": variant.hash, "training_hash": variant.training_hash,
+                "data_manifest_hash": data_hash,
                 "dev_ln_ppl": dev_ln_ppl, "init": init_info})
+        saved["step"] = at_step
 
     def dev_eval():
         total, count, _ = corpus_nll(model, dev_ex, dev, batch_tokens=max(t.batch_tokens, 4096))
@@ -757,6 +823,19 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
                         checkpoint(step)
                     raise TrainingInterrupted(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path}; "
                                               f"continue with --resume")
+    except BaseException as e:
+        # The manifest never keeps saying "training" after the process stopped (SIGKILL aside): record why.
+        if d.main:
+            status = ("interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt))
+                      else "diverged" if isinstance(e, TrainingDiverged) else "failed")
+            with contextlib.suppress(Exception):
+                write_json_atomic(rdir / "manifest.json", manifest(
+                    variant, seed, dev, checkpoint=str(ckpt_path.resolve()), checkpoint_step=saved["step"],
+                    data_dir=str(Path(prepared.path).resolve()), data_manifest_hash=data_hash,
+                    world_size=d.world, parameters=n_params, status=status, stopped_at_step=step,
+                    reason=str(e) or type(e).__name__, dev_ln_ppl=dev_ln_ppl,
+                    training_hash=variant.training_hash, **_init_field(init_info)))
+        raise
     finally:
         rep.close()
         if log is not None:
@@ -768,7 +847,7 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
             variant, seed, dev, checkpoint=str(ckpt_path.resolve()), checkpoint_step=step,
             data_dir=str(Path(prepared.path).resolve()), data_manifest_hash=data_hash,
             tokenizer=prepared.tokenizer(), world_size=d.world, parameters=n_params, status=status, dev_ln_ppl=dev_ln_ppl,
-            **_init_field(init_info)))
+            training_hash=variant.training_hash, **_init_field(init_info)))
     return TrainResult(rdir, ckpt_path, step, dev_ln_ppl, losses)
 
 
@@ -803,22 +882,55 @@ def _write(f, rec: dict) -> None:
 
 
 def _trim_log(path: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint (they will be written again)."""
-    import json
-
+    """On resume, drop log lines written after the checkpoint (they will be written again), and a partial
+    last line (a process killed mid-write), saying so on stderr."""
     if not path.exists():
         return
     if step == 0:
         path.unlink()
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    records, partial = _parse_log(path)
+    if partial is not None:
+        print(f"{path}: dropped a partial last line (the process writing it was killed): {partial[:60]!r}",
+              file=sys.stderr, flush=True)
+    keep = [r for r in records if r.get("step", 0) <= step]
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    tmp.write_text("".join(_json_line(r) for r in keep), encoding="utf-8")
     os.replace(tmp, path)
 
 
-def read_log(path) -> list:
+def _json_line(rec: dict) -> str:
     import json
 
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return json.dumps(rec) + "\n"
+
+
+def _parse_log(path: Path) -> tuple:
+    """(records, partial last line or None) of a JSON-lines log; lines end with ``\\n`` alone.
+
+    Only the last line may be cut short (a write interrupted by SIGKILL); a bad line before it is a
+    UserError naming the file and the line."""
+    import json
+
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    records, partial = [], None
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if i == len(lines) - 1 or all(not x.strip() for x in lines[i + 1:]):
+                partial = line
+                break
+            raise UserError(f"{path}: line {i + 1} is not a JSON record; the training log is damaged") from None
+        records.append(rec)
+    return records, partial
+
+
+def read_log(path) -> list:
+    """The records of a training log (train_log.jsonl); a partial last line (a killed writer) is left out."""
+    return _parse_log(Path(path))[0]

@@ -110,7 +110,10 @@ def uptrain_run(run_dir, kv_heads: int, *, method: str = "mean", fraction: Optio
                         f"uptrain where the run was trained)")
     ck = load_checkpoint(ck_path)
     source = Variant.from_dict(ck["spec"], source=str(ck_path))
-    if ck.get("spec_hash") != man.get("spec_hash") or ck["step"] != source.training.steps:
+    from .train import checkpoint_training_hash, manifest_training_hash
+
+    # the manifest's evaluation settings may be newer than the checkpoint's: what training made must match
+    if checkpoint_training_hash(ck) != manifest_training_hash(man) or ck["step"] != source.training.steps:
         raise UserError(f"{ck_path} is not the final checkpoint of {run_dir} (step {ck['step']} of "
                         f"{source.training.steps}, or another spec)")
     target = uptrain_variant(source, kv_heads, method, fraction=fraction, steps=steps)
