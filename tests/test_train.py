@@ -64,6 +64,18 @@ def test_loss_falls_and_dev_beats_unigram(tiny_run, tiny_data):
     assert tiny_run.dev_ln_ppl < unigram - 1.0
 
 
+def test_loss_curve_matches_the_reference(tiny_run):
+    """The training step of today equals the one the reference curve was made with (before the step moved
+    to mqa_repro/step.py and the loss became the chunked linear cross-entropy): every step within 1e-4.
+    Remake the reference with scripts/loss_curve_fixture.py only when the recipe changes on purpose."""
+    ref = json.loads((ROOT / "tests" / "data" / "tiny_multi_head_seed0_curve.json").read_text())
+    assert ref["spec_hash"] == tiny().hash, "experiments/tiny.yaml changed: remake the reference curve"
+    got = dict(tiny_run.losses)
+    steps = [s for s, _ in ref["losses"]]
+    assert len(steps) >= 200 and steps == sorted(got)[:len(steps)]
+    np.testing.assert_allclose([got[s] for s in steps], [x for _, x in ref["losses"]], rtol=1e-4, atol=0)
+
+
 def test_checkpoint_and_manifest_hold_everything(tiny_run):
     ck = load_checkpoint(tiny_run.checkpoint)
     assert ck["step"] == 300 and ck["seed"] == 0
