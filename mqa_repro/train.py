@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .loss import token_losses  # moved to mqa_repro.loss (corpus_nll uses it; still importable from here)
 from .model import BOS, EOS, PAD, Transformer, count_parameters
+from .optim import build_optimizer, lr_at  # moved to mqa_repro.optim (still importable from here)
 from .provenance import manifest, sha256_file, write_json_atomic
 from .spec import Variant, spec_hash
 from .step import Batch, StepOptions, TrainStep, measured_peak, model_flops, speed_record  # Batch: moved there
@@ -327,13 +329,6 @@ class Prefetcher:
         self._next = None
         self.position = after
         return item
-
-
-# --------------------------------------------------------------------------------------------------
-# Loss, schedule, optimizer: mqa_repro.loss, mqa_repro.optim (re-exported here for older imports)
-# --------------------------------------------------------------------------------------------------
-from .loss import token_losses  # noqa: E402,F401
-from .optim import build_optimizer, lr_at  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------------------------------
