@@ -42,7 +42,7 @@ class StepOptions:
     """How the step runs (not what it computes). ``None`` everywhere = :meth:`resolved` picks per device."""
 
     compile: Optional[bool] = None          # torch.compile the forward and the loss chunk (auto: CUDA only)
-    compile_backend: str = "inductor"       # "aot_eager" traces on the CPU without a C++ toolchain (tests)
+    compile_backend: object = "inductor"    # a torch.compile backend (name or callable; tests trace on the CPU)
     fused_optimizer: Optional[bool] = None  # fused AdamW / foreach Adafactor (auto: CUDA only)
     pad_multiple: Optional[int] = None      # pad T and S up to a multiple (auto: 64 when compiling, else 1)
     loss_chunk_rows: Optional[int] = None   # rows of logits per loss chunk (auto: loss.chunk_rows_for)
@@ -51,9 +51,9 @@ class StepOptions:
     def resolved(self, device: torch.device) -> "StepOptions":
         cuda = torch.device(device).type == "cuda"
         comp = cuda if self.compile is None else bool(self.compile)
-        return replace(self, compile=comp,
+        pad = (64 if comp else 1) if self.pad_multiple is None else max(1, int(self.pad_multiple))
+        return replace(self, compile=comp, pad_multiple=pad,
                        fused_optimizer=cuda if self.fused_optimizer is None else bool(self.fused_optimizer),
-                       pad_multiple=(64 if comp else 1) if self.pad_multiple is None else max(1, int(self.pad_multiple)),
                        pin_memory=cuda if self.pin_memory is None else bool(self.pin_memory) and cuda)
 
 

@@ -687,7 +687,7 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
     train_step = TrainStep(model, optimizer, t, dev, ddp_model=ddp_model if d.on else None, rank=d.rank,
                            world=d.world, options=step_options)
     batches = Prefetcher(stream, train_ex, d.rank, d.world, t.micro_batch_tokens, train_step.prepare)
-    peak = measured_peak(dev)
+    peak = measured_peak(dev) if d.main else None   # only rank 0 logs
 
     def new_window():
         return {"loss": 0.0, "nll": 0.0, "tokens": 0, "flops": 0.0, "steps": 0, "start": time.perf_counter(),
