@@ -20,15 +20,14 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import roofline as rl
 from .costmodel import kv_cache_resident_bytes
 from .errors import UserError
 from .fastdecode import DecodeRun, FastDecoder, tuning_record
-from .model import BOS, PAD, Transformer
+from .model import BOS, PAD, Transformer, count_parameters
 from .provenance import manifest
-from .runtime import autocast, median, time_runs
+from .runtime import median, time_runs
 
 BENCH_SCHEMA = 1
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -237,42 +236,60 @@ def load_checkpoint(path, spec_variants: list):
 # --------------------------------------------------------------------------------------------------
 # The pieces: training, encoder, decoder
 # --------------------------------------------------------------------------------------------------
-def bench_training(variant, cfg: BenchConfig, device, ceil: rl.Ceilings) -> dict:
-    """Forward + backward + optimizer step over ``train_tokens`` target tokens (sequences of data.max_len)."""
-    m = variant.model
+def bench_training(variant, cfg: BenchConfig, device, ceil: rl.Ceilings, options=None) -> dict:
+    """The step ``train`` runs (mqa_repro.step.TrainStep: label smoothing, z-loss, PAD masking, clipping, the
+    spec's optimizer and schedule, micro-batches of ``training.micro_batch_tokens``, bf16 autocast when
+    ``cfg.dtype`` is bf16 on CUDA) over ``train_tokens`` target tokens in rows of data.max_len, random ids.
+
+    Each timed run copies the collated batch from host memory (pinned on CUDA) like ``train``'s data path,
+    runs one step and reads the previous step's numbers (one step late, as ``train`` does). The row adds
+    target tokens/s and the projected wall time of the spec's ``training.steps`` steps of
+    ``training.batch_tokens`` target tokens at that rate. ``options``: a step.StepOptions (default: auto)."""
+    from .optim import build_optimizer, lr_at
+    from .step import Batch, StepOptions, TrainStep, speed_record
+
+    m, t = variant.model, variant.training
     seq = min(variant.data.max_len, m.max_positions)
     rows = max(1, cfg.train_tokens // seq)
-    micro = max(1, min(rows, 16384 // seq))
     model = build_model(variant, device, cfg.dtype, train=True).train()
-    fused = {"fused": True} if device.type == "cuda" else {}
-    if variant.training.optimizer == "adafactor" and hasattr(torch.optim, "Adafactor"):
-        opt = torch.optim.Adafactor(model.parameters(), lr=1e-3)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
+    opt = build_optimizer(model, t)
+    options = options or StepOptions()
+    train_step = TrainStep(model, opt, t, device, options=options)
     seq2seq = m.is_seq2seq
-    src = random_tokens(rows, seq, m.vocab_size, device, 1) if seq2seq else None
-    tgt = random_tokens(rows, seq + 1, m.vocab_size, device, 2)
+    src = random_tokens(rows, seq, m.vocab_size, "cpu", 1) if seq2seq else None
+    tgt = random_tokens(rows, seq + 1, m.vocab_size, "cpu", 2)
     tgt[:, 0] = BOS
-    amp = cfg.dtype == "bf16"
-    smoothing = variant.training.label_smoothing
+    ones = torch.ones(rows, seq, dtype=torch.long)
+    micro_rows = max(1, (t.micro_batch_tokens or rows * seq) // seq)
+    host = [Batch(tgt[r0:r0 + micro_rows, :-1], tgt[r0:r0 + micro_rows, 1:], ones[r0:r0 + micro_rows],
+                  None if src is None else src[r0:r0 + micro_rows], None if src is None else ones[r0:r0 + micro_rows])
+            for r0 in range(0, rows, micro_rows)]
+    n_tokens = rows * seq
+    state = {"step": 0, "last": None}
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        for r0 in range(0, rows, micro):
-            sl = slice(r0, min(rows, r0 + micro))
-            with autocast(device, enabled=amp):
-                logits = model(tgt[sl, :-1], src[sl] if seq2seq else None)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), tgt[sl, 1:].flatten(), label_smoothing=smoothing)
-            (loss * (sl.stop - sl.start) / rows).backward()
-        opt.step()
+        state["step"] += 1
+        stats = train_step([train_step.prepare(b) for b in host], n_tokens, lr_at(state["step"], t))
+        if state["last"] is not None:
+            state["last"].read()
+        state["last"] = stats
 
-    times = time_runs(step, device, cfg.repeats, warmup=2 if device.type == "cuda" else 1)
-    opt_name = type(opt).__name__
-    del model, opt
-    cost = rl.training_cost(m, rows, seq, m.n_params)
-    return _row(variant, "train", 0, times, cost, ceil, rows * seq, cfg, batch=rows, src_len=seq if seq2seq else 0,
-                tgt_len=seq, optimizer=opt_name,
-                autocast_bf16=amp, microbatch_rows=micro)
+    times = time_runs(step, device, cfg.repeats, warmup=3 if train_step.opts.compile else
+                      (2 if device.type == "cuda" else 1))
+    state["last"].read()
+    n_params, opt_name = count_parameters(model), type(opt).__name__
+    opts = train_step.opts
+    del model, opt, train_step
+    cost = rl.training_cost(m, rows, seq, n_params)
+    med = _stats(times)["median_s"]
+    speed = speed_record(n_tokens, med, rl.total(cost).flops, 1, t.steps * t.batch_tokens / n_tokens,
+                         ceil.peak_flops)
+    return _row(variant, "train", 0, times, cost, ceil, n_tokens, cfg, batch=rows, src_len=seq if seq2seq else 0,
+                tgt_len=seq, optimizer=opt_name, autocast_bf16=device.type == "cuda",
+                microbatch_rows=micro_rows, tokens_per_s=speed["tokens_per_s"],
+                projected_train_s=speed["projected_total_s"], projected_train_steps=t.steps,
+                compiled=opts.compile, fused_optimizer=opts.fused_optimizer, z_loss=t.z_loss,
+                label_smoothing=t.label_smoothing, grad_clip=t.grad_clip)
 
 
 def _chunks(fast: FastDecoder, cross: Optional[list], batch: int, beam: int, steps: int, n_chunks: int) -> list:

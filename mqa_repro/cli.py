@@ -156,6 +156,11 @@ def train(
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared data (default: data/<spec name>)."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop (with a checkpoint) after this "
                                              "step although the schedule runs to training.steps; --resume goes on."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model's "
+                                            "forward and the loss (default: on CUDA only); changes speed, not the "
+                                            "recipe."),
+    fused: Optional[bool] = typer.Option(None, "--fused-optimizer/--plain-optimizer", help="Fused AdamW / "
+                                         "foreach Adafactor (default: on CUDA only)."),
 ):
     """Train variants with the spec's recipe: token-budget batches (packed when training.pack), Adafactor or
     AdamW, label smoothing, z-loss, clipping, dev ln(perplexity) every eval_every steps, atomic checkpoints
@@ -165,6 +170,7 @@ def train(
 
     from .provenance import check_writable
     from .spec import apply_overrides, load_spec
+    from .step import StepOptions
     from .train import train_variant
 
     s = load_spec(spec)
@@ -183,7 +189,8 @@ def train(
     main_rank = int(os.environ.get("RANK", "0")) == 0
     for v in chosen:
         r = train_variant(v, seed, device=device.value, resume=resume, out_root=out_root,
-                          checkpoint_root=ckpt_root, data=data, stop_after=stop_after)
+                          checkpoint_root=ckpt_root, data=data, stop_after=stop_after,
+                          step_options=StepOptions(compile=compile_, fused_optimizer=fused))
         if main_rank:
             ppl = f"{r.dev_ln_ppl:.4f}" if r.dev_ln_ppl is not None else "-"
             out.print(f"{v.spec_name}/{v.name}: step {r.step}, dev ln(ppl) {ppl}; results in {r.run_dir}, "
@@ -389,6 +396,12 @@ def decode_bench(
     for r in bench.table_rows(res):
         t.add_row(*r)
     out.print(t)
+    for r in res["rows"]:
+        if r["measure"] == "train" and r.get("tokens_per_s"):
+            mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+            out.print(f"training step ({r['variant']}): {r['tokens_per_s']:.4g} target tokens/s{mfu}; the spec's "
+                      f"{r['projected_train_steps']} steps: {r['projected_train_s'] / 3600:.2f} h on this device",
+                      highlight=False)
     for p in res["peers"]:
         if "ratio_hf_over_ours" in p:
             out.print(f"peer hf ({p['variant']}): {p['us_per_token']:.3g} us/token, "

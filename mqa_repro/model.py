@@ -318,8 +318,10 @@ class Transformer(nn.Module):
             x = blk(x, smask, memory_BSD, cmask)
         return self.dec_norm(x)
 
-    def forward(self, tgt_in_BT, src_BS=None, tgt_seg_BT=None, src_seg_BS=None):
-        """Logits [B, T, vocab] for every target position (the uncached reference path too)."""
+    def forward(self, tgt_in_BT, src_BS=None, tgt_seg_BT=None, src_seg_BS=None, hidden: bool = False):
+        """Logits [B, T, vocab] for every target position (the uncached reference path too); with
+        ``hidden`` the final hidden states [B, T, D] instead (the training loss applies the unembedding
+        itself, chunk by chunk: mqa_repro.loss.linear_cross_entropy)."""
         memory = None
         if self.is_seq2seq:
             src_seg_BS = default_segments(src_BS) if src_seg_BS is None else src_seg_BS
@@ -327,7 +329,8 @@ class Transformer(nn.Module):
         if tgt_seg_BT is None:
             # BOS is id 2, never PAD, so a decoder input row's real tokens are exactly the non-PAD ones.
             tgt_seg_BT = default_segments(tgt_in_BT)
-        return self.logits(self.decode_all(tgt_in_BT, memory, tgt_seg_BT, src_seg_BS))
+        h_BTD = self.decode_all(tgt_in_BT, memory, tgt_seg_BT, src_seg_BS)
+        return h_BTD if hidden else self.logits(h_BTD)
 
     # -- incremental decoding ----------------------------------------------------------------------
     def start_decoding(self, batch: int, max_len: int, beam: int = 1, src_BS=None, memory_BSD=None,

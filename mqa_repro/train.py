@@ -26,6 +26,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +34,15 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import OutputError, UserError
+from .loss import token_losses  # moved to mqa_repro.loss (corpus_nll uses it; still importable from here)
 from .model import BOS, EOS, PAD, Transformer, count_parameters
-from .provenance import check_writable, describe_os_error, manifest, sha256_file, write_json_atomic
+from .optim import build_optimizer, lr_at  # moved to mqa_repro.optim (still importable from here)
+from .provenance import check_writable, describe_os_error, manifest, write_json_atomic
 from .runtime import Progress, autocast, resolve_device
 from .spec import TRAINING_SECTIONS, Variant, spec_hash, training_hash
+from .step import Batch, StepOptions, TrainStep, measured_peak, model_flops, speed_record  # Batch: moved there
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "last.pt"
@@ -198,21 +201,6 @@ def target_tokens(ex: Examples, rows: list) -> int:
     return int(sum(lens[i] for row in rows for i in row))
 
 
-@dataclass
-class Batch:
-    tgt_in_BT: torch.Tensor
-    tgt_out_BT: torch.Tensor
-    tgt_seg_BT: torch.Tensor
-    src_BS: Optional[torch.Tensor] = None
-    src_seg_BS: Optional[torch.Tensor] = None
-
-    def to(self, device) -> "Batch":
-        pin = device.type == "cuda"
-        move = lambda x: None if x is None else (x.pin_memory() if pin else x).to(device, non_blocking=pin)  # noqa
-        return Batch(*(move(x) for x in (self.tgt_in_BT, self.tgt_out_BT, self.tgt_seg_BT, self.src_BS,
-                                         self.src_seg_BS)))
-
-
 def collate(ex: Examples, rows: list) -> Batch:
     """Rows of example indices -> padded id tensors with segment ids (1, 2, ... per example; 0 = PAD)."""
     n = max(1, len(rows))
@@ -290,56 +278,46 @@ class BatchStream:
         return {"epoch": self.epoch, "index": self.index}
 
 
-# --------------------------------------------------------------------------------------------------
-# Loss, schedule, optimizer
-# --------------------------------------------------------------------------------------------------
-def token_losses(logits_BTV, targets_BT, vocab_size: int, label_smoothing: float = 0.0):
-    """Per-token (smoothed loss, NLL, logsumexp) in float32 over the real vocabulary (no padded rows)."""
-    logits = logits_BTV[..., :vocab_size].float()
-    lse_BT = torch.logsumexp(logits, dim=-1)
-    tgt_logit_BT = logits.gather(-1, targets_BT.clamp(min=0)[..., None])[..., 0]
-    nll_BT = lse_BT - tgt_logit_BT
-    if label_smoothing:
-        smooth_BT = lse_BT - logits.mean(-1)
-        loss_BT = (1.0 - label_smoothing) * nll_BT + label_smoothing * smooth_BT
-    else:
-        loss_BT = nll_BT
-    return loss_BT, nll_BT, lse_BT
+class Prefetcher:
+    """A BatchStream's global batches as this rank's micro-batches, collated and on the device.
 
-
-def lr_at(step: int, t) -> float:
-    """Learning rate for optimizer step ``step`` (1-based) under ``t`` (a TrainingSpec).
-
-    rsqrt_linear (the paper): lr / sqrt(max(step, warmup)) * (1 - step / steps), i.e. a constant
-    lr / sqrt(warmup) during warm-up (mesh-tensorflow's rsqrt_decay), then 1/sqrt decay, times a linear
-    decay to 0 at the last step. inverse_sqrt: linear warm-up to lr, then lr * sqrt(warmup / step).
-    cosine: linear warm-up to lr, then half a cosine to 0. constant: linear warm-up, then lr.
+    ``prefetch()`` (called right after a step is queued on the GPU) collates the next batch and starts its
+    non-blocking copies from pinned memory while the step runs; ``next()`` hands it out. ``position`` is the
+    stream position after the batch last handed out (what a checkpoint saves), not after the prefetched one.
     """
-    s, w, n = max(step, 1), t.warmup_steps, t.steps
-    warm = min(1.0, s / w) if w else 1.0
-    if t.schedule == "rsqrt_linear":
-        return t.lr / math.sqrt(max(s, w, 1)) * max(0.0, 1.0 - (s - 1) / n)
-    if t.schedule == "inverse_sqrt":
-        return t.lr * warm * (math.sqrt(w / s) if w and s > w else 1.0 if w else 1.0 / math.sqrt(s))
-    if t.schedule == "cosine":
-        if w and s <= w:
-            return t.lr * warm
-        frac = (s - w) / max(1, n - w)
-        return t.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
-    return t.lr * warm
 
+    @dataclass
+    class Item:
+        n_global: int                 # target tokens of the global batch (all ranks)
+        micro: list                   # this rank's micro-batches, prepared (padded, on the device)
+        shapes: list                  # (target tokens, target width) of each micro-batch, host numbers
 
-def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
-    """AdamW (weight decay on matrices only) or Adafactor (factored second moments, update clipping by
-    parameter scale as in torch.optim.Adafactor; the schedule sets its step size)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if t.optimizer == "adafactor":
-        if not hasattr(torch.optim, "Adafactor"):
-            raise UserError("training.optimizer adafactor needs torch >= 2.5 (torch.optim.Adafactor)")
-        return torch.optim.Adafactor(groups, lr=lr_at(1, t))
-    return torch.optim.AdamW(groups, lr=lr_at(1, t), betas=tuple(t.betas), eps=1e-9)
+    def __init__(self, stream: BatchStream, ex: Examples, rank: int, world: int, micro_tokens, prepare):
+        self.stream, self.ex, self.rank, self.world = stream, ex, rank, world
+        self.micro_tokens, self.prepare = micro_tokens, prepare
+        self.position = stream.position
+        self._next = None
+
+    def _load(self):
+        rows = self.stream.next()
+        after = self.stream.position
+        mine = rows[self.rank::self.world]
+        micro, shapes = [], []
+        for mrows in split_rows(mine, self.ex, self.micro_tokens):
+            b = collate(self.ex, mrows)
+            shapes.append((target_tokens(self.ex, mrows), int(b.tgt_in_BT.shape[1])))
+            micro.append(self.prepare(b))
+        return after, self.Item(target_tokens(self.ex, rows), micro, shapes)
+
+    def prefetch(self) -> None:
+        if self._next is None:
+            self._next = self._load()
+
+    def next(self) -> "Prefetcher.Item":
+        after, item = self._next if self._next is not None else self._load()
+        self._next = None
+        self.position = after
+        return item
 
 
 # --------------------------------------------------------------------------------------------------
@@ -566,7 +544,7 @@ def _seed_everything(seed: int) -> None:
 def train_variant(variant: Variant, seed: Optional[int] = None, *, device="auto", resume: bool = False,
                   out_root="results", checkpoint_root="checkpoints", data: Optional[Path] = None,
                   stop_after: Optional[int] = None, progress: bool = True,
-                  init: Optional[dict] = None) -> TrainResult:
+                  init: Optional[dict] = None, step_options: Optional[StepOptions] = None) -> TrainResult:
     """Train one variant with one seed; returns where its results and checkpoint went.
 
     ``init`` starts a fresh run from given weights instead of random ones: ``{"model": state_dict,
@@ -575,6 +553,8 @@ def train_variant(variant: Variant, seed: Optional[int] = None, *, device="auto"
     ``stop_after`` ends the run (checkpoint written) after that step although the schedule still runs
     to ``training.steps``: what a preempted job looks like; ``resume=True`` continues it.
     Run under torchrun for DDP: every rank calls this; only rank 0 writes files.
+    ``step_options``: how the step runs (torch.compile, fused optimizer, padding; mqa_repro.step.StepOptions;
+    default: auto per device) -- never what it computes.
     """
     t = variant.training
     seed = t.seed if seed is None else seed
@@ -584,7 +564,7 @@ def train_variant(variant: Variant, seed: Optional[int] = None, *, device="auto"
         with _own_run(run_dir(variant, seed, out_root), checkpoint_dir(variant, seed, checkpoint_root), dist_,
                       "uptrain" if init is not None else "train"):
             return _train(variant, seed, dev, dist_, resume, Path(out_root), Path(checkpoint_root), data,
-                          stop_after, progress, init)
+                          stop_after, progress, init, step_options)
     finally:
         if dist_.group_started_here:
             import torch.distributed as dist
@@ -644,7 +624,7 @@ def manifest_training_hash(man: dict) -> Optional[str]:
 
 
 def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_after, progress,
-           init=None) -> TrainResult:
+           init=None, step_options=None) -> TrainResult:
     t = variant.training
     rdir, cdir = run_dir(variant, seed, out_root), checkpoint_dir(variant, seed, ckpt_root)
     ckpt_path = cdir / CHECKPOINT_NAME
@@ -730,7 +710,7 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
                 "format": CHECKPOINT_FORMAT, "step": at_step, "seed": seed,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": {"name": t.schedule, "step": at_step, "lr": lr_at(at_step, t)},
-                "rng": states, "data": stream.position, "world_size": d.world,
+                "rng": states, "data": batches.position, "world_size": d.world,
                 "spec": variant.to_dict(), "spec_hash": variant.hash, "training_hash": variant.training_hash,
                 "data_manifest_hash": data_hash,
                 "dev_ln_ppl": dev_ln_ppl, "init": init_info})
@@ -746,78 +726,78 @@ def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_
     rep = Progress(title, t.steps, step, enabled=progress and d.main)
     log = open(log_path, "a", encoding="utf-8") if d.main else None
     losses = []
-    win = {"loss": 0.0, "nll": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
+    # The step (mqa_repro.step): its numbers are read one step late, so the host never waits inside a step.
+    train_step = TrainStep(model, optimizer, t, dev, ddp_model=ddp_model if d.on else None, rank=d.rank,
+                           world=d.world, options=step_options)
+    batches = Prefetcher(stream, train_ex, d.rank, d.world, t.micro_batch_tokens, train_step.prepare)
+    peak = measured_peak(dev) if d.main else None   # only rank 0 logs
+
+    def new_window():
+        return {"loss": 0.0, "nll": 0.0, "tokens": 0, "flops": 0.0, "steps": 0, "start": time.perf_counter(),
+                "paused": 0.0}
+
+    win = new_window()
+
+    def finish(pending) -> bool:
+        """Read a queued step's numbers (waits for that step only): NaN check, log. Returns its stop vote."""
+        nonlocal win
+        at, lr_at_step, n_global, flops, epoch, stats = pending
+        v = stats.read()
+        loss, nll, gnorm = v["loss"], v["nll"], v["grad_norm"]
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            last = load_checkpoint(ckpt_path)["step"] if ckpt_path.is_file() else None
+            kept = (f"the last good checkpoint (step {last}) is kept at {ckpt_path}" if last is not None
+                    else "no checkpoint had been written yet")
+            raise TrainingDiverged(f"training stopped at step {at}: the loss is "
+                                   f"{'NaN' if math.isnan(loss) else loss} (grad norm {gnorm}); {kept}")
+        losses.append((at, loss))
+        win["loss"] += loss
+        win["nll"] += nll
+        win["tokens"] += n_global
+        win["flops"] += flops
+        win["steps"] += 1
+        rep.step(at, f"loss {loss:.3f} lr {lr_at_step:.2e}")
+        if at % t.log_every == 0 or at == end:
+            seconds = time.perf_counter() - win["start"] - win["paused"]
+            speed = speed_record(win["tokens"], seconds, win["flops"], win["steps"], t.steps, peak)
+            rec = {"step": at, "loss": win["loss"] / win["steps"], "nll": win["nll"] / win["steps"],
+                   "lr": lr_at_step, "grad_norm": gnorm, **speed, "tgt_tokens": n_global, "epoch": epoch}
+            _write(log, rec)
+            mfu = f"  MFU {speed['mfu']:.1%}" if speed["mfu"] is not None else ""
+            rep.line(f"step {at}  loss {rec['loss']:.4f}  lr {lr_at_step:.3g}  |g| {gnorm:.3g}  "
+                     f"{rec['tokens_per_s']:.0f} tok/s{mfu}  all {t.steps} steps: "
+                     f"{speed['projected_total_s'] / 3600:.2f} h")
+            win = new_window()
+        return v["stop"]
+
     model.train()
+    pending = None
     try:
         with _StopFlag() as stop:
             while step < end:
-                t0 = time.perf_counter()
-                rows = stream.next()
-                n_global = target_tokens(train_ex, rows)
-                mine = rows[d.rank::d.world]
-                micro = split_rows(mine, train_ex, t.micro_batch_tokens)
+                item = batches.next()
                 lr = lr_at(step + 1, t)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                # loss, nll, target tokens, grad norm, stop signal: one all-reduce and one sync per step
-                sums = torch.zeros(5, dtype=torch.float64, device=dev)
-                for k, mrows in enumerate(micro):
-                    b = collate(train_ex, mrows).to(dev)
-                    sync = k == len(micro) - 1
-                    ctx = ddp_model.no_sync() if (d.on and not sync) else contextlib.nullcontext()
-                    with ctx:
-                        with autocast(dev):
-                            logits = ddp_model(b.tgt_in_BT, b.src_BS, b.tgt_seg_BT, b.src_seg_BS)
-                        loss_BT, nll_BT, lse_BT = token_losses(logits, b.tgt_out_BT, variant.model.vocab_size,
-                                                               t.label_smoothing)
-                        mask_BT = b.tgt_out_BT != PAD
-                        if t.z_loss:
-                            loss_BT = loss_BT + t.z_loss * lse_BT.square()
-                        loss_sum = loss_BT.masked_fill(~mask_BT, 0.0).sum()
-                        if nan_step and step + 1 == nan_step:
-                            loss_sum = loss_sum * float("nan")
-                        # Every rank divides by the GLOBAL token count; DDP averages over ranks: x world.
-                        (loss_sum * (d.world / n_global)).backward()
-                    sums[0] += loss_sum.detach()
-                    sums[1] += nll_BT.detach().masked_fill(~mask_BT, 0.0).sum()
-                    sums[2] += mask_BT.sum()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                if d.main:   # gradients are identical on every rank after DDP's all-reduce: count the norm once
-                    sums[3] += grad_norm.detach()
-                sums[4] += float(stop.signum != 0)
-                loss_sum_g, nll_sum_g, _, gnorm, stop_votes = _all_sum(sums, d).tolist()
-                loss, nll = loss_sum_g / n_global, nll_sum_g / n_global
-                if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                    last = load_checkpoint(ckpt_path)["step"] if ckpt_path.is_file() else None
-                    kept = (f"the last good checkpoint (step {last}) is kept at {ckpt_path}" if last is not None
-                            else "no checkpoint had been written yet")
-                    raise TrainingDiverged(f"training stopped at step {step + 1}: the loss is "
-                                           f"{'NaN' if math.isnan(loss) else loss} (grad norm {gnorm}); {kept}")
-                optimizer.step()
+                stats = train_step(item.micro, item.n_global, lr, stop=stop.signum != 0,
+                                   poison=bool(nan_step) and step + 1 == nan_step)
                 step += 1
-                dt = time.perf_counter() - t0
-                losses.append((step, loss))
-                win["loss"] += loss
-                win["nll"] += nll
-                win["tokens"] += n_global
-                win["time"] += dt
-                win["steps"] += 1
-                rep.step(step, f"loss {loss:.3f} lr {lr:.2e}")
-                if step % t.log_every == 0 or step == end:
-                    rec = {"step": step, "loss": win["loss"] / win["steps"], "nll": win["nll"] / win["steps"],
-                           "lr": lr, "grad_norm": gnorm, "tokens_per_s": win["tokens"] / max(win["time"], 1e-9),
-                           "tgt_tokens": n_global, "epoch": stream.epoch}
-                    _write(log, rec)
-                    rep.line(f"step {step}  loss {rec['loss']:.4f}  lr {lr:.3g}  |g| {gnorm:.3g}  "
-                             f"{rec['tokens_per_s']:.0f} tok/s")
-                    win = {"loss": 0.0, "nll": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
-                if step % t.eval_every == 0 or step == t.steps:
+                flops = sum(model_flops(variant.model, n, w, n_params) for n, w in item.shapes)
+                if step < end:
+                    batches.prefetch()        # collate and copy the next batch while this step runs
+                stop_votes = finish(pending) if pending is not None else False
+                pending = (step, lr, item.n_global, flops, batches.position["epoch"], stats)
+                evaluating = step % t.eval_every == 0 or step == t.steps
+                saving = step % t.checkpoint_every == 0 or step == end
+                if evaluating or saving or stop_votes or step == end:
+                    stop_votes = finish(pending) or stop_votes      # never save or evaluate an unread step
+                    pending = None
+                paused = time.perf_counter()
+                if evaluating:
                     dev_ln_ppl = dev_eval()
                     _write(log, {"step": step, "dev_ln_ppl": dev_ln_ppl})
                     rep.line(f"step {step}  dev ln(ppl) {dev_ln_ppl:.4f}")
-                if step % t.checkpoint_every == 0 or step == end:
+                if saving:
                     checkpoint(step)
+                win["paused"] += time.perf_counter() - paused
                 if stop_votes:
                     if step % t.checkpoint_every and step != end:
                         checkpoint(step)

@@ -116,6 +116,9 @@ def test_decode_bench_writes_every_field_and_formats_agree(tmp_path):
                     "mbu", "mfu", "bytes", "flops", "median_s", "repeats", "dtype", "batch", "src_len", "tgt_len"):
             assert r[key] is not None, key
         assert r["us_per_token_min"] <= r["us_per_token"] <= r["us_per_token_max"]
+    tr = res["rows"][0]   # the step train runs (mqa_repro.step.TrainStep), with its speed and projected wall time
+    assert tr["tokens_per_s"] == pytest.approx(tr["tokens"] / tr["median_s"])
+    assert tr["projected_train_s"] > 0 and tr["compiled"] is False and tr["label_smoothing"] == 0.1
     dec = {r["beam"]: r for r in res["rows"] if r["measure"] == "decoder"}
     assert dec[1]["kv_cache_bytes"] > 0 and dec[1]["impl"]["cuda_graphs"] is False
     assert dec[2]["us_per_hyp_token"] == pytest.approx(dec[2]["us_per_token"] / 2)

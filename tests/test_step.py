@@ -1,0 +1,120 @@
+"""The training step's speed switches change speed, not results: torch.compile with the shape policy
+(traced on the CPU through a counting backend), length padding, fused / foreach optimizers; and the
+numbers are read one step late without changing them."""
+import pytest
+import torch
+
+from mqa_repro.model import BOS, PAD, Transformer
+from mqa_repro.optim import build_optimizer, lr_at, set_implementation
+from mqa_repro.spec import apply_overrides, load_spec
+from mqa_repro.step import Batch, StepOptions, TrainStep, pad_lengths
+
+from .conftest import TINY
+
+
+def tiny(*overrides, variant="multi_head"):
+    return apply_overrides(load_spec(TINY).variants[variant],
+                           ["model.dropout.residual=0", "training.z_loss=0.0001", *overrides])
+
+
+def batches(shapes, vocab, seed=0):
+    """Host batches of the given (rows, target width, source width), with ragged PAD tails."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for rows, tw, sw in shapes:
+        tgt = torch.randint(4, vocab, (rows, tw + 1), generator=g)
+        tgt[:, 0] = BOS
+        src = torch.randint(4, vocab, (rows, sw), generator=g)
+        tlen = torch.randint(1, tw + 1, (rows,), generator=g)
+        slen = torch.randint(1, sw + 1, (rows,), generator=g)
+        tlen[0], slen[0] = tw, sw                                   # the widest row sets the width
+        tseg = (torch.arange(tw)[None] < tlen[:, None]).long()
+        sseg = (torch.arange(sw)[None] < slen[:, None]).long()
+        tin, tout = tgt[:, :-1].masked_fill(tseg == 0, PAD), tgt[:, 1:].masked_fill(tseg == 0, PAD)
+        out.append(Batch(tin, tout, tseg, src.masked_fill(sseg == 0, PAD), sseg))
+    return out
+
+
+def run_steps(v, host, options, steps=None):
+    torch.manual_seed(0)
+    model = Transformer(v.model)
+    opt = build_optimizer(model, v.training)
+    step = TrainStep(model, opt, v.training, torch.device("cpu"), options=options)
+    losses = []
+    for k, b in enumerate(host[:steps] if steps else host):
+        n = int((b.tgt_out_BT != PAD).sum())
+        losses.append(step([step.prepare(b)], n, lr_at(k + 1, v.training)).read()["loss"])
+    return losses, model, step
+
+
+SHAPES = [(5, 13, 11), (7, 9, 17), (3, 21, 6), (6, 13, 11), (4, 30, 25), (8, 7, 9)]
+
+
+def test_padding_lengths_changes_nothing():
+    v = tiny()
+    host = batches(SHAPES, v.model.vocab_size)
+    plain, m1, _ = run_steps(v, host, StepOptions(pad_multiple=1))
+    padded, m2, _ = run_steps(v, host, StepOptions(pad_multiple=16))
+    assert pad_lengths(host[0], 16).tgt_in_BT.shape == (5, 16) and pad_lengths(host[0], 16).src_BS.shape == (5, 16)
+    torch.testing.assert_close(torch.tensor(padded), torch.tensor(plain), rtol=1e-5, atol=0)
+    for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_compiled_step_equals_eager_and_does_not_recompile_per_batch(variant="multi_query_local"):
+    """torch.compile traced through dynamo and AOT autograd (a counting backend that runs the traced
+    graphs, so no C++ toolchain is needed): the same losses, and a handful of graphs for six shapes."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=count, bw_compiler=lambda gm, ex: make_boxed_func(gm.forward))
+    v = tiny(variant=variant)
+    host = batches(SHAPES, v.model.vocab_size)
+    eager, _, _ = run_steps(v, host, StepOptions(compile=False, pad_multiple=8))
+    torch._dynamo.reset()
+    compiled, _, step = run_steps(v, host, StepOptions(compile=True, compile_backend=backend, pad_multiple=8))
+    assert step.opts.compile
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-5, atol=0)
+    # The forward and the loss chunk: first a static graph each, then one with dynamic sizes; never one per batch.
+    assert 0 < len(graphs) <= 6, len(graphs)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_fused_and_foreach_optimizers_compute_the_plain_update(optimizer):
+    v = tiny(f"training.optimizer={optimizer}", "training.weight_decay=0.01")
+    host = batches(SHAPES[:4], v.model.vocab_size)
+    plain, m1, s1 = run_steps(v, host, StepOptions(fused_optimizer=False))
+    fast, m2, s2 = run_steps(v, host, StepOptions(fused_optimizer=True))
+    g1, g2 = s1.optimizer.param_groups[0], s2.optimizer.param_groups[0]
+    if optimizer == "adamw":
+        assert g2["fused"] and not g1["fused"]
+    else:
+        assert g2["foreach"] and not g1["foreach"]
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-5, atol=0)
+    for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_implementation_survives_load_state_dict():
+    v = tiny()
+    model = Transformer(v.model)
+    plain = build_optimizer(model, v.training, fast=False)
+    fast = build_optimizer(model, v.training, fast=True)
+    fast.load_state_dict(plain.state_dict())            # a CPU checkpoint's flags come back with the state
+    assert not fast.param_groups[0]["fused"]
+    set_implementation(fast, True)
+    assert fast.param_groups[0]["fused"]
+
+
+def test_options_resolve_per_device():
+    cpu = StepOptions().resolved(torch.device("cpu"))
+    assert (cpu.compile, cpu.fused_optimizer, cpu.pad_multiple, cpu.pin_memory) == (False, False, 1, False)
+    on = StepOptions(compile=True).resolved(torch.device("cpu"))
+    assert on.pad_multiple == 64 and not on.pin_memory
