@@ -260,6 +260,74 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------------------------------
+class InferDtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+_TARGET_HELP = ("A run directory written by train (its manifest.json names the checkpoint and the prepared data "
+                "whose SentencePiece model is used) or a checkpoint file (prepared data: --data, else "
+                "data/<spec name>).")
+
+
+@app.command()
+def translate(
+    target: Path = typer.Argument(..., help=_TARGET_HELP),
+    input: str = typer.Option("-", "--input", "-i", help="Source text, one sentence per line (- for stdin)."),
+    output: str = typer.Option("-", "--output", "-o", help="Translations, one line per input line (- for stdout)."),
+    beam: int = typer.Option(1, "--beam", help="Beam size (1 = greedy); beams use the spec's "
+                             "evaluation.length_penalty and decode limit."),
+    batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Source tokens per decoding batch (sentences "
+                                     "are bucketed by length under this budget)."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    dtype: InferDtype = typer.Option(InferDtype.fp32, "--dtype", help="fp32 (what evaluate decodes in) or bf16."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data holding the SentencePiece model "
+                                        "(default: the run's)."),
+):
+    """Translate raw text with a trained encoder-decoder run: SentencePiece-encode each line, decode with the
+    fast engine, detokenize as evaluate does, one output line per input line in input order. Lines are split
+    at newline only. An empty line gives an empty line. A line with more subwords than the model was trained
+    on (data.max_len - 1, the cut evaluate applies) is truncated to its first that many, and the count is
+    printed on stderr. A progress bar shows on a terminal. Under `torchrun --nproc_per_node N -m mqa_repro
+    translate ...` the lines are shared out over the processes (one GPU each, or gloo on the CPU) and rank 0
+    writes the one output, in input order; an output file is written whole or not at all."""
+    from .translate import run as run_lines
+
+    run_lines(target, input, output, command="translate", beam=beam, batch_tokens=batch_tokens,
+              device=device.value, dtype=dtype.value, data=data,
+              say=lambda msg: err.print(msg, highlight=False, soft_wrap=True))
+
+
+@app.command()
+def generate(
+    target: Path = typer.Argument(..., help=_TARGET_HELP),
+    input: str = typer.Option("-", "--input", "-i", help="Prompts, one per line (- for stdin)."),
+    output: str = typer.Option("-", "--output", "-o", help="Continuations, one line per prompt (- for stdout)."),
+    beam: int = typer.Option(1, "--beam", help="Beam size (1 = greedy), with the spec's "
+                             "evaluation.length_penalty."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Subwords generated per prompt at most "
+                                       "(fewer where the model's positions run out; EOS ends a continuation)."),
+    batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Prompt tokens per decoding batch."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    dtype: InferDtype = typer.Option(InferDtype.fp32, "--dtype", help="fp32 or bf16."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data holding the SentencePiece model "
+                                        "(default: the run's)."),
+):
+    """Continue prompts with a trained decoder-only (language model) run: each line is a prompt, the output
+    line its detokenized continuation (greedy or beam). Lines are split at newline only. An empty line gives
+    an empty line. A prompt with more subwords than the model was trained on (data.max_len - 1) keeps its
+    last that many (the continuation follows them), and the count is printed on stderr. A progress bar shows
+    on a terminal. Under `torchrun --nproc_per_node N -m mqa_repro generate ...` the prompts are shared out
+    over the processes and rank 0 writes the one output, in input order; an output file is written whole or
+    not at all."""
+    from .translate import run as run_lines
+
+    run_lines(target, input, output, command="generate", beam=beam, batch_tokens=batch_tokens,
+              max_new_tokens=max_new_tokens, device=device.value, dtype=dtype.value, data=data,
+              say=lambda msg: err.print(msg, highlight=False, soft_wrap=True))
+
+
+# --------------------------------------------------------------------------------------------------
 class BenchFormat(str, Enum):
     table = "table"
     json = "json"
