@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import roofline as rl
 from .errors import UserError
 from .fastdecode import DecodeRun, FastDecoder, tuning_record
-from .model import BOS, PAD, Transformer, count_parameters
+from .model import BOS, Transformer, count_parameters
 from .provenance import device_info, manifest
 
 BENCH_SCHEMA = 1
@@ -359,60 +359,6 @@ def check_fast_path(variant, model: Transformer, cfg: BenchConfig, device, beam:
 
 
 # --------------------------------------------------------------------------------------------------
-# Peer: Hugging Face transformers' generate on a Marian-architecture config of the same dimensions
-# --------------------------------------------------------------------------------------------------
-def hf_peer(variant, cfg: BenchConfig, device, ours_row_s: Optional[float]) -> dict:
-    m = variant.model
-    if m.kind != "encoder-decoder" or m.n_kv_heads != m.n_heads or m.n_heads * m.d_k != m.d_model:
-        return {"peer": "hf", "skipped": "Marian is multi-head with d_k = d_model / heads; "
-                                         f"{variant.name} is not"}
-    if m.window:
-        return {"peer": "hf", "skipped": f"Marian attends to every earlier position; {variant.name} is local "
-                                         f"(window {m.window})"}
-    try:
-        import transformers
-        from transformers import MarianConfig, MarianMTModel
-    except ImportError:
-        raise UserError("--peer hf needs Hugging Face transformers, which is not installed here "
-                        "(pip install transformers)") from None
-    conf = MarianConfig(
-        vocab_size=m.padded_vocab, d_model=m.d_model, encoder_layers=m.encoder_layers,
-        decoder_layers=m.decoder_layers, encoder_attention_heads=m.n_heads, decoder_attention_heads=m.n_heads,
-        encoder_ffn_dim=m.d_ff, decoder_ffn_dim=m.d_ff, max_position_embeddings=max(m.max_positions, cfg.tgt_len + 1),
-        activation_function="relu", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-        pad_token_id=PAD, eos_token_id=3, decoder_start_token_id=BOS, forced_eos_token_id=None,
-        scale_embedding=True, share_encoder_decoder_embeddings=True, tie_word_embeddings=True)
-    try:
-        model = MarianMTModel(conf).to(device=device, dtype=TORCH_DTYPES[cfg.dtype]).eval()
-    except Exception as e:  # pragma: no cover - depends on the installed version
-        return {"peer": "hf", "error": f"{type(e).__name__}: {e}"}
-    src = random_tokens(cfg.batch, cfg.src_len, m.vocab_size, device)
-    mask = torch.ones_like(src)
-
-    @torch.no_grad()
-    def gen():
-        return model.generate(input_ids=src, attention_mask=mask, num_beams=1, do_sample=False,
-                              min_new_tokens=cfg.tgt_len, max_new_tokens=cfg.tgt_len, eos_token_id=None)
-
-    try:
-        produced = gen().shape[1] - 1
-        times = time_runs(gen, device, max(2, min(cfg.repeats, 3)), warmup=0)
-    except Exception as e:  # pragma: no cover
-        return {"peer": "hf", "error": f"{type(e).__name__}: {e}"}
-    finally:
-        del model
-    st = _stats(times)
-    out = {"peer": "hf", "transformers": transformers.__version__, "model": "MarianMTModel (multi-head)",
-           "variant": variant.name, "batch": cfg.batch, "src_len": cfg.src_len, "tgt_len": cfg.tgt_len,
-           "tokens_generated": produced, "median_s": st["median_s"], "min_s": st["min_s"], "max_s": st["max_s"],
-           "us_per_token": st["median_s"] * 1e6 / (cfg.batch * cfg.tgt_len),
-           "what": "generate(): encoder + greedy decoder, eager, its default cache"}
-    if ours_row_s:
-        out["ratio_hf_over_ours"] = st["median_s"] / ours_row_s
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
 # The whole benchmark
 # --------------------------------------------------------------------------------------------------
 def run_bench(variants: list, cfg: BenchConfig, checkpoint_state=None, peer: Optional[str] = None,
@@ -445,6 +391,7 @@ def run_bench(variants: list, cfg: BenchConfig, checkpoint_state=None, peer: Opt
                 ours = sum(r["median_s"] for r in dec if r["measure"] == "encoder" or
                            (r["measure"] == "decoder" and r["beam"] == 1))
                 log(f"{v.name}: Hugging Face peer")
+                from .peers import hf_peer
                 peers.append(hf_peer(v, cfg, device, ours))
         else:
             model = build_model(v, device, cfg.dtype, checkpoint_state)

@@ -147,7 +147,7 @@ def test_peer_hf_without_transformers_says_so(tmp_path):
 def test_peer_hf_compares_only_what_marian_can_be():
     """The peer is a full-attention multi-head Marian model: multi-query and local rows are skipped, saying
     why, before transformers is even needed."""
-    from mqa_repro.bench import hf_peer
+    from mqa_repro.peers import hf_peer
 
     spec = load_spec(EXPERIMENTS / "tiny.yaml")
     cfg = BenchConfig(batch=2, src_len=6, tgt_len=5, beams=[1], repeats=1, dtype="fp32", device="cpu")
