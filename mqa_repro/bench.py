@@ -393,6 +393,12 @@ def run_bench(variants: list, cfg: BenchConfig, checkpoint_state=None, peer: Opt
                 log(f"{v.name}: Hugging Face peer")
                 from .peers import hf_peer
                 peers.append(hf_peer(v, cfg, device, ours))
+            if peer == "ct2":
+                enc = sum(r["median_s"] for r in dec if r["measure"] == "encoder")
+                ours = {r["beam"]: enc + r["median_s"] for r in dec if r["measure"] == "decoder"}
+                log(f"{v.name}: CTranslate2 peer on the same weights")
+                from .peers import ct2_fixed_peer
+                peers.extend(ct2_fixed_peer(v, cfg, model, device, ours))
         else:
             model = build_model(v, device, cfg.dtype, checkpoint_state)
             values = cfg.sweep_values or (SWEEP_BATCHES if cfg.sweep == "batch" else SWEEP_LENGTHS)

@@ -277,3 +277,52 @@ def hf_peer(variant, cfg, device, ours_row_s: Optional[float]) -> dict:
     if ours_row_s:
         out["ratio_hf_over_ours"] = st["median_s"] / ours_row_s
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# CTranslate2 at the fixed Table 2 shape (random source tokens, exactly tgt_len tokens, EOS suppressed)
+# --------------------------------------------------------------------------------------------------
+def synthetic_vocabulary(size: int) -> list:
+    """Token names for a model without a SentencePiece model: the four specials, then ``t<id>``."""
+    return ["<pad>", "<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(4, size)]
+
+
+def ct2_fixed_peer(variant, cfg, model: Transformer, device, ours_s: dict, vocabulary: Optional[list] = None) -> list:
+    """CTranslate2 on ``model``'s weights at the bench's shape: ``cfg.batch`` random sources of
+    ``cfg.src_len`` tokens, exactly ``cfg.tgt_len`` target tokens (min = max decoding length, EOS
+    suppressed), one ``translate_batch`` call per run, for each beam of ``cfg.beams``; per multi-query form.
+
+    ``ours_s``: {beam: seconds of our encoder + decoder at that beam}, for the ratio. Returns result rows.
+    """
+    from .bench import _stats, random_tokens, time_runs
+
+    m = variant.model
+    why = ct2_supported(m)
+    if why:
+        return [{"peer": "ct2", "variant": variant.name, "skipped": why}]
+    vocab = vocabulary or synthetic_vocabulary(m.padded_vocab)
+    src = random_tokens(cfg.batch, cfg.src_len, m.vocab_size, "cpu").tolist()
+    compute = {"fp32": "float32", "bf16": "bfloat16"}[cfg.dtype]
+    ct2_dev = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    out = []
+    for form in (["one_head", "replicated"] if m.n_kv_heads == 1 else ["one_head"]):
+        peer = CT2Model(model, vocab, device=ct2_dev, compute_type=compute, mqa_form=form,
+                        threads=torch.get_num_threads() if ct2_dev == "cpu" else 0)
+        for beam in cfg.beams:
+            def run(beam=beam):
+                return peer.translate(src, beam=beam, alpha=0.0, max_len=cfg.tgt_len, min_len=cfg.tgt_len,
+                                      eos=False, max_batch_size=cfg.batch)
+
+            produced = {len(h) for h in run()}
+            times = time_runs(run, torch.device(device), max(2, min(cfg.repeats, 3)), warmup=0)
+            st = _stats(times)
+            row = {**peer.describe(), "variant": variant.name, "beam": beam, "batch": cfg.batch,
+                   "src_len": cfg.src_len, "tgt_len": cfg.tgt_len, "tokens_per_sentence": sorted(produced),
+                   "median_s": st["median_s"], "min_s": st["min_s"], "max_s": st["max_s"],
+                   "us_per_token": st["median_s"] * 1e6 / (cfg.batch * cfg.tgt_len),
+                   "what": "Translator.translate_batch: encoder + decoder, exactly tgt_len tokens"}
+            if ours_s.get(beam):
+                row["ratio_ct2_over_ours"] = st["median_s"] / ours_s[beam]
+            out.append(row)
+        peer.close()
+    return out
