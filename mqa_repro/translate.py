@@ -143,8 +143,10 @@ def load_for_inference(target, device="auto", dtype: str = "fp32", data: Optiona
     variant, model = model_from_checkpoint(ck, "cpu")
     if kind is not None and variant.model.kind != kind:
         other = "generate" if kind == "encoder-decoder" else "translate"
-        raise UserError(f"{ckpt_path} holds a {variant.model.kind} model ({variant.spec_name}/{variant.name}); "
-                        f"`{command}` needs an {kind} model (use `mqa-repro {other}`)")
+        def a(k):
+            return f"an {k}" if k.startswith("e") else f"a {k}"
+        raise UserError(f"{ckpt_path} holds {a(variant.model.kind)} model ({variant.spec_name}/{variant.name}); "
+                        f"`{command}` needs {a(kind)} model (use `mqa-repro {other}`)")
     if data is not None:
         data_dir = Path(data)
     elif man.get("data_dir"):
