@@ -153,11 +153,14 @@ def load_for_inference(target, device="auto", dtype: str = "fp32", data: Optiona
         data_dir = Path(man["data_dir"])
     else:
         data_dir = prepared_dir(variant)
+    try:
+        spm_name = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))["spm"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        spm_name = None   # open_prepared names what is wrong with the folder
+    if spm_name and not (data_dir / spm_name).is_file():
+        raise UserError(f"the SentencePiece model {data_dir / spm_name} is missing (the key spm.file of "
+                        f"{data_dir}/manifest.json); run `mqa-repro prepare` again or pass --data")
     prepared = open_prepared(variant, data_dir)
-    spm_file = prepared.path / prepared.manifest["spm"]["file"]
-    if not spm_file.is_file():
-        raise UserError(f"the SentencePiece model {spm_file} is missing (the key spm.file of "
-                        f"{prepared.path}/manifest.json); run `mqa-repro prepare` again")
     want = ck.get("data_manifest_hash")
     if want and data_fingerprint(prepared) not in (None, want):
         raise UserError(f"the prepared data at {prepared.path} is not the data {ckpt_path} was trained on (its "
