@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from . import roofline as rl
 from .errors import UserError
-from .fastdecode import DecodeRun, FastDecoder, tuning_record
-from .model import BOS, Transformer, count_parameters
+from .decode import Engine, forbid_specials, tuning_record
+from .model import BOS, EOS, Transformer, count_parameters
 from .provenance import device_info, manifest
 
 BENCH_SCHEMA = 1
@@ -44,9 +44,8 @@ class BenchConfig:
     device: str
     train: bool = True
     train_tokens: int = 32768
-    streams: int = 1            # CUDA: the batch split over this many streams (2 measured slower on an H100)
     attention: str = "triton"   # or "torch" (the CPU always uses torch)
-    check: bool = True          # fast path == model.decode_step, graph == eager, beam == reference beam
+    check: bool = True          # engine == model.decode_step, graph == eager, fixed == real-input path
     tune: bool = True           # CUDA: time kernel launches and product choices on the device (else fixed)
     sweep: Optional[str] = None  # "batch" or "length"
     sweep_values: list = field(default_factory=list)
@@ -228,133 +227,103 @@ def _kv_cache_bytes(m, batch: int, beam: int, src_len: int, tgt_len: int, dtype:
     return batch * beam * rl.cache_slots(m, tgt_len) * per_pos + cross
 
 
-def _chunks(fast: FastDecoder, cross: Optional[list], batch: int, beam: int, steps: int, n_chunks: int) -> list:
-    n_chunks = max(1, min(n_chunks, batch))
-    bounds = [round(i * batch / n_chunks) for i in range(n_chunks + 1)]
-    out = []
-    for b0, b1 in zip(bounds[:-1], bounds[1:]):
-        c = [x[b0:b1] for x in cross] if cross is not None else None
-        out.append(fast.new_chunk(c, b1 - b0, beam, steps))
-    return out
-
-
-def _streams_for(cfg: BenchConfig, device, batch: int) -> int:
-    return cfg.streams if (device.type == "cuda" and batch >= 64) else 1
-
-
 def bench_decoder(variant, model, cfg: BenchConfig, device, ceil: rl.Ceilings, beams, batch=None,
                   src_len=None, tgt_len=None, encoder: bool = True) -> list:
-    """Encoder and decoder rows (greedy and each beam) at one shape."""
+    """Encoder and decoder rows (greedy and each beam) at one shape: the engine's fixed-length protocol."""
     m = variant.model
     batch, src_len, tgt_len = batch or cfg.batch, src_len or cfg.src_len, tgt_len or cfg.tgt_len
     seq2seq = m.kind == "encoder-decoder"
-    fast = FastDecoder(model, use_triton=cfg.attention == "triton", tune=cfg.tune)
+    engine = Engine(model, use_triton=cfg.attention == "triton", tune=cfg.tune)
     rows = []
-    cross = None
+    src = None
     shape = {"batch": batch, "src_len": src_len if seq2seq else 0, "tgt_len": tgt_len}
     if seq2seq:
         src = random_tokens(batch, src_len, m.vocab_size, device)
-        times = time_runs(lambda: fast.encode(src), device, cfg.repeats)
+        times = time_runs(lambda: engine.step.encode(src), device, cfg.repeats)
         if encoder:
             rows.append(_row(variant, "encoder", 0, times, rl.encoder_cost(m, batch, src_len, cfg.dtype), ceil,
                              batch * tgt_len, cfg, **shape, impl="eager", kv_cache_bytes=0))
-        cross = fast.encode(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    streams = _streams_for(cfg, device, batch)
-    graphs = device.type == "cuda"
+    graphs = engine.graphs
     for beam in beams:
-        chunks = _chunks(fast, cross, batch, beam, tgt_len, streams)
-        run = DecodeRun(fast, chunks, tgt_len, graphs=graphs)
+        run = engine.fixed_run(batch, beam, tgt_len, src)
         times = time_runs(run.run, device, cfg.repeats, before=run.reset)
         costs = rl.decode_costs(m, batch, src_len if seq2seq else 0, tgt_len, beam, cfg.dtype, "indirect")
         rows.append(_row(variant, "decoder", beam, times, costs, ceil, batch * tgt_len, cfg,
                          hyp_tokens=batch * beam * tgt_len if beam > 1 else None, **shape,
-                         impl={"cuda_graphs": graphs, "graphs": len(run.graphs), "streams": len(chunks),
+                         impl={"graphs": len(run.graphs),
                                "attention": "triton" if (graphs and cfg.attention == "triton") else "torch",
                                "beam_reorder": "indirect (ancestor table)" if beam > 1 else None,
-                               **fast.describe()},
+                               **engine.describe()},
                          kv_cache_bytes=_kv_cache_bytes(m, batch, beam, src_len if seq2seq else 0, tgt_len,
                                                         cfg.dtype)))
-        del run, chunks
+        del run
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
 # --------------------------------------------------------------------------------------------------
-# Correctness of the fast path (recorded beside the times)
+# Correctness of the engine (recorded beside the times)
 # --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def reference_fixed_beam(model: Transformer, src_BS, batch: int, beam: int, steps: int):
-    """Fixed-length beam search through the model's own decode_step and physical cache reorder."""
-    dev = model.embed.weight.device
-    state = model.start_decoding(batch, steps, beam=beam, src_BS=src_BS)
-    tok = torch.full((batch * beam,), BOS, device=dev, dtype=torch.long)
-    scores = torch.full((batch, beam), float("-inf"), device=dev)
-    scores[:, 0] = 0
-    hist, parents = [], []
-    base = torch.arange(batch, device=dev)[:, None] * beam
-    for t in range(steps):
-        logp = torch.log_softmax(model.decode_step(tok, t, state).float(), -1)
-        v = logp.shape[-1]
-        scores, idx = (scores[:, :, None] + logp.view(batch, beam, v)).view(batch, -1).topk(beam, -1)
-        parent = (base + idx // v).view(-1)
-        tok = (idx % v).view(-1)
-        hist.append(tok)
-        parents.append(parent)
-        state.reorder(parent)
-    row = base[:, 0] + scores.argmax(1)
-    out = []
-    for t in range(steps - 1, -1, -1):
-        out.append(hist[t][row])
-        row = parents[t][row]
-    return torch.stack(out[::-1], 1), scores.max(1).values
-
-
 @torch.no_grad()
 def check_fast_path(variant, model: Transformer, cfg: BenchConfig, device, beam: int = 4,
                     batch: int = 4, split: Optional[int] = None) -> dict:
-    """The fast decoder computes model.decode_step's function; graphs replay what eager computes.
-    ``split`` fixes how the residual products are computed (FastDecoder); None lets the device choose."""
+    """The engine's step computes model.decode_step's function; graphs replay what eager computes; the
+    fixed-length protocol (static positions, one graph per step) decodes what the real-input path (per-row
+    positions and lengths, one graph per shape) decodes with the same lengths forced.
+    ``split`` fixes how the residual products are computed; None lets the device choose."""
+    from .decode.cache import DecodeCache
+
     m = variant.model
     steps = min(cfg.tgt_len, 40)
     seq2seq = m.kind == "encoder-decoder"
-    src = random_tokens(batch, cfg.src_len, m.vocab_size, device, seed=3) if seq2seq else None
-    fast = FastDecoder(model, use_triton=cfg.attention == "triton", split=split, tune=cfg.tune)
-    cross = fast.encode(src) if seq2seq else None
+    src = None
+    if seq2seq:   # full-length sources ending in EOS, as translate builds them
+        src = torch.cat([random_tokens(batch, cfg.src_len - 1, m.vocab_size, device, seed=3),
+                         torch.full((batch, 1), EOS, device=device, dtype=torch.long)], 1)
+    eng = {g: Engine(model, use_triton=cfg.attention == "triton", split=split, tune=cfg.tune, graphs=g)
+           for g in ([False, True] if device.type == "cuda" else [False])}
+    eager = eng[False]
     # 1. logits, step by step, teacher-forced with the reference's greedy tokens
     state = model.start_decoding(batch, steps, src_BS=src)
-    ch = fast.new_chunk(cross, batch, 1, steps)
+    cache = DecodeCache(m.decoder_layers, batch, 1, m.n_kv_heads, m.d_k, m.d_v, steps, m.window, device,
+                        model.embed.weight.dtype)
+    if seq2seq:
+        cache.set_cross(eager.step.encode(src), None)
+    tok = torch.full((batch,), BOS, device=device, dtype=torch.long)
     worst = 0.0
     ref_tokens = []
     for t in range(steps):
-        ref = model.decode_step(ch.tok_N, t, state).float()
-        got = fast.logits(ch, t).float()
+        ref = model.decode_step(tok, t, state).float()
+        got = eager.step.logits(cache, tok, t).float()
         worst = max(worst, ((got - ref).norm() / ref.norm()).item())
-        ch.tok_N.copy_(ref.argmax(-1))
-        ref_tokens.append(ch.tok_N.clone())
+        tok = forbid_specials(ref.clone(), eager.vocab_limit).argmax(-1)
+        ref_tokens.append(tok)
     ref_tokens = torch.stack(ref_tokens, 1)
     out = {"steps": steps, "batch": batch, "logits_rel_err_max": worst}
-    # 2. greedy and beam: eager fast path vs graphs, beam vs the reference beam search
-    beams = [1] + ([beam] if beam > 1 else [])
-    for k in beams:
+    # 2. greedy and beam: eager vs graphs, the fixed-length protocol vs the real-input path
+    for k in [1] + ([beam] if beam > 1 else []):
         results = {}
-        for graphs in ([False, True] if device.type == "cuda" else [False]):
-            chunks = _chunks(fast, cross, batch, k, steps, 2 if graphs else 1)
-            run = DecodeRun(fast, chunks, steps, graphs=graphs)
-            run.reset()
+        for g, e in eng.items():
+            run = e.fixed_run(batch, k, steps, src)
             run.run()
-            results[graphs] = torch.cat([FastDecoder.best_tokens(c) for c in chunks], 0)
-        eager = results[False]
+            results[g] = run.tokens().cpu()
         key = "greedy" if k == 1 else f"beam{k}"
         if True in results:
-            out[f"{key}_graph_equals_eager"] = bool(torch.equal(results[True], eager))
+            out[f"{key}_graph_equals_eager"] = bool(torch.equal(results[True], results[False]))
         if k == 1:
-            out["greedy_token_agreement_with_model"] = (eager == ref_tokens).float().mean().item()
-        else:
-            ref, _ = reference_fixed_beam(model, src, batch, k, steps)
-            out[f"{key}_sentences_equal_reference"] = (eager == ref).all(1).float().mean().item()
+            out["greedy_token_agreement_with_model"] = (results[False] == ref_tokens.cpu()).float().mean().item()
+        real = {}
+        for g, e in eng.items():
+            forced = [steps] * batch
+            if seq2seq:
+                ids = e.translate(src[:, :-1].tolist(), beam=k, forced_lengths=forced)
+            else:
+                ids = e.generate([[]] * batch, beam=k, forced_lengths=forced)
+            real[g] = torch.tensor(ids)
+            if g:
+                out[f"{key}_real_input_graph_equals_eager"] = bool(torch.equal(real[True], real[False]))
+        out[f"{key}_sentences_equal_real_input_path"] = (results[False] == real[False]).all(1).float().mean().item()
     return out
 
 

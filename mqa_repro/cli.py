@@ -371,8 +371,7 @@ def decode_bench(
                                           "decoder us/token across the sweep instead of the Table 2 rows."),
     sweep_values: Optional[List[int]] = typer.Option(None, "--sweep-value", help="Sweep points (repeatable)."),
     train: bool = typer.Option(True, "--train/--no-train", help="Time the training step too."),
-    check: bool = typer.Option(True, "--check/--no-check", help="Check the fast decoder against the model first."),
-    streams: int = typer.Option(1, "--streams", help="CUDA streams the batch is split over (1 = none)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Check the decoding engine against the model first."),
     attention: str = typer.Option("triton", "--attention", help="Decode attention on CUDA: triton or torch."),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="CUDA: pick the attention and argmax kernels' "
                               "launches and how the projections, the residual products and the FFN ReLU are "
@@ -419,7 +418,7 @@ def decode_bench(
     if attention not in ("triton", "torch"):
         raise UserError(f"--attention must be triton or torch, got {attention!r}")
     for name, x in (("--batch-size", batch_size), ("--src-len", src_len), ("--tgt-len", tgt_len),
-                    ("--repeats", repeats), ("--streams", streams)):
+                    ("--repeats", repeats)):
         if x is not None and x < 1:
             raise UserError(f"{name} must be positive, got {x}")
     if beam and any(k < 1 for k in beam):
@@ -433,7 +432,7 @@ def decode_bench(
     dev = bench.resolve_device(device.value)
     cfg = bench.default_config(variants[0], dev, batch=batch_size, src_len=src_len, tgt_len=tgt_len,
                                beams=sorted(set(beam)) if beam else None, repeats=repeats,
-                               dtype=dtype.value if dtype else None, train=train, check=check, streams=streams,
+                               dtype=dtype.value if dtype else None, train=train, check=check,
                                attention=attention, tune=tune, sweep=sweep.value if sweep else None,
                                sweep_values=list(sweep_values) if sweep_values else None)
     res = bench.run_bench(variants, cfg, state, peer, spec_path=str(spec),

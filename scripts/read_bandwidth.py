@@ -13,7 +13,7 @@ import statistics
 
 import torch
 
-from mqa_repro import fastdecode as fd
+from mqa_repro.decode import kernels as fd
 from mqa_repro.roofline import measure_ceilings
 
 
