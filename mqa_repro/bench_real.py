@@ -11,12 +11,14 @@ min(cap, a * source length + b)); with random weights a model never emits EOS, s
 length is forced to its reference's (reference subwords + EOS), keeping the real length distribution.
 
 Reported per (variant, beam, B): sentences/s, target tokens/s and microseconds per target token (target
-tokens = output subwords + one EOS per sentence, as ln(perplexity) counts them; per sentence output token,
-not per hypothesis), the encoder's and the decoder's share apart (the encoder timed alone on the same
-batches; decoder = whole - encoder), each the median of ``repeats`` runs after a warm-up, and the roofline
-bound of the work done: per batch the encoder over its real source tokens, and per decoder step the weights
-once plus, for each live row, its own self-attention history and its own sentence's source K/V (a row
-stops costing once it is finished) -- what an ideal engine would move (:mod:`mqa_repro.roofline`).
+tokens = decoder steps: each sentence's output subwords plus its EOS where it emitted one, as ln(perplexity)
+counts them; per sentence, not per hypothesis), the encoder's and the decoder's share apart (the engine's own
+clocks, ``Engine.timing``, synchronised at batch boundaries: encoder = encoding plus the encoder-decoder K/V
+projection; decoder = whole - encoder), the median of ``repeats`` runs after a warm-up (CUDA graphs are
+captured in the warm-up), and the roofline bound of the work done: per batch the encoder over its real
+source tokens, and per decoder step the weights once plus, for each live row, its own self-attention
+history and its own sentence's source K/V (a row stops costing once it is finished) -- what an ideal engine
+would move (:mod:`mqa_repro.roofline`).
 
 ``--peer ct2`` times CTranslate2 running the same weights on the same sentences (:mod:`mqa_repro.peers`;
 ``max_batch_size = B``, its own sort by source length), both multi-query forms for multi-query variants,
@@ -125,60 +127,48 @@ def sentence_bound(m, batches: list, src_len: np.ndarray, out_steps: np.ndarray,
 # --------------------------------------------------------------------------------------------------
 # Ours
 # --------------------------------------------------------------------------------------------------
-def _engine_encode(eng) -> Optional[Callable]:
-    """The engine's encoder entry (sources -> encoder state), if it exposes one."""
-    for name in ("encode",):
-        fn = getattr(eng, name, None)
-        if callable(fn):
-            return fn
-    return None
+def decode_limits(src: list, ev, m) -> np.ndarray:
+    """The engine's per-sentence limit min(cap, max_positions, floor(a * (ids + EOS) + b)), at least 1."""
+    cap = min(ev.max_len_cap, m.max_positions)
+    n = np.array([len(x) + 1 for x in src], dtype=np.float64)
+    return np.maximum(1, np.minimum(cap, np.floor(ev.max_len_a * n + ev.max_len_b))).astype(np.int64)
 
 
-def _encode_batch_fn(model, eng, srcs: list, device):
-    """A function that runs the encoder on one padded batch of sources (ids + EOS)."""
-    from .model import EOS, PAD
-
-    width = max(len(s) for s in srcs) + 1
-    x = torch.full((len(srcs), width), PAD, dtype=torch.long)
-    for i, s in enumerate(srcs):
-        x[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        x[i, len(s)] = EOS
-    x = x.to(device)
-    lens = (x != PAD).sum(1)
-    enc = _engine_encode(eng)
-    if enc is not None:
-        try:
-            enc(x, lens)
-            return lambda: enc(x, lens)
-        except TypeError:
-            pass
-    return lambda: [blk.cross_attn.project_kv(mem) for mem in [model.encode(x)] for blk in model.decoder]
+def steps_run(outs: list, limits: np.ndarray) -> np.ndarray:
+    """Decoder steps per sentence: its subwords, plus the EOS step where it stopped before its limit."""
+    n = np.array([len(o) for o in outs], dtype=np.int64)
+    return n + (n < limits)
 
 
 @torch.no_grad()
-def time_ours(model, eng, sents: Sentences, beam: int, size: int, forced: Optional[np.ndarray], ev, cfg: RealConfig,
+def time_ours(eng, sents: Sentences, beam: int, size: int, forced: Optional[np.ndarray], ev, cfg: RealConfig,
               device) -> dict:
-    """Whole translation and encoder alone, median of ``cfg.repeats``; the outputs of the last run."""
-    m = model.spec
+    """The whole translation, median of ``cfg.repeats`` runs after a warm-up, with the engine's own encoder and
+    decoder seconds (``Engine.timing``: synchronised at batch boundaries); the outputs of the last run."""
+    m = eng.spec
     batches = batches_by_source(sents.src, size)
-    cap = min(ev.max_len_cap, m.max_positions)
     outs = [None] * len(sents.src)
+    enc, dec = [], []
 
     def run():
+        eng.encode_seconds = eng.decode_seconds = 0.0
         for idx in batches:
-            kw = {}
-            if forced is not None:
-                kw["forced_lengths"] = [int(forced[i]) for i in idx]
+            kw = {"forced_lengths": [int(forced[i]) for i in idx]} if forced is not None else {}
             res = eng.translate([sents.src[i] for i in idx], beam=beam, alpha=ev.length_penalty,
-                                max_len_a=ev.max_len_a, max_len_b=ev.max_len_b, max_len_cap=cap,
-                                batch_tokens=1 << 40, **kw)
+                                max_len_a=ev.max_len_a, max_len_b=ev.max_len_b,
+                                max_len_cap=min(ev.max_len_cap, m.max_positions), batch_tokens=1 << 40, **kw)
             for i, r in zip(idx, res):
                 outs[i] = list(r)
+        enc.append(eng.encode_seconds)
+        dec.append(eng.decode_seconds)
 
-    total = time_runs(run, device, cfg.repeats)
-    enc_fns = [_encode_batch_fn(model, eng, [sents.src[i] for i in idx], device) for idx in batches]
-    encoder = time_runs(lambda: [f() for f in enc_fns], device, cfg.repeats)
-    return {"total": _stats(total), "encoder": _stats(encoder), "outputs": outs, "batches": batches}
+    eng.timing = True
+    try:
+        total = time_runs(run, device, cfg.repeats, warmup=1)
+    finally:
+        eng.timing = False
+    return {"total": _stats(total), "encoder": _stats(enc[1:]), "decoder": _stats(dec[1:]), "outputs": outs,
+            "batches": batches}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,17 +204,18 @@ def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer:
             sents_by_data[key] = load_sentences(v, data, cfg.stem, cfg.max_sentences)
         sents = sents_by_data[key]
         n = len(sents.src)
-        forced = (sents.ref_len + 1) if forced_mode else None
+        forced = (sents.ref_len + 1) if forced_mode else None   # reference subwords + the EOS step
         src_len = np.array([len(s) + 1 for s in sents.src], dtype=np.int64)
         model = build_model(v, device, cfg.dtype, checkpoint_state)
         eng = Engine(model, use_triton=use_triton, tune=tune)
         ev = v.evaluation
+        limits = forced if forced_mode else decode_limits(sents.src, ev, m)
         for beam in cfg.beams:
             for size in cfg.batches:
                 log(f"{v.name}: {n} sentences of {sents.stem}, beam {beam}, {size} per batch")
-                r = time_ours(model, eng, sents, beam, size, forced, ev, cfg, device)
+                r = time_ours(eng, sents, beam, size, forced, ev, cfg, device)
                 outs = r["outputs"]
-                steps = np.array([len(o) + 1 for o in outs], dtype=np.int64)
+                steps = np.array([len(o) for o in outs], dtype=np.int64) if forced_mode else steps_run(outs, limits)
                 tokens = int(steps.sum())
                 total_s, enc_s = r["total"]["median_s"], r["encoder"]["median_s"]
                 bound = sentence_bound(m, r["batches"], src_len, steps, beam, cfg.dtype, ceil)
@@ -233,10 +224,12 @@ def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer:
                        "target_tokens": tokens, "forced_lengths": forced_mode, "median_s": total_s,
                        "min_s": r["total"]["min_s"], "max_s": r["total"]["max_s"], "repeats": cfg.repeats,
                        **_rates(n, tokens, total_s, enc_s),
+                       "engine_decoder_s": r["decoder"]["median_s"],
                        "bound_us_per_token": bound_s * 1e6 / tokens,
                        "bound_encoder_us_per_token": bound["encoder_s"] * 1e6 / tokens,
                        "bound_decoder_us_per_token": bound["decoder_s"] * 1e6 / tokens,
-                       "x_bound": total_s / bound_s if bound_s else None, "dtype": cfg.dtype}
+                       "x_bound": total_s / bound_s if bound_s else None, "dtype": cfg.dtype,
+                       "impl_detail": eng.describe()}
                 if forced_mode:
                     row["forced_equals_reference"] = bool(np.array_equal(steps, forced))
                 rows.append(row)
@@ -254,10 +247,11 @@ def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer:
         "weights": "trained checkpoint" if checkpoint_state is not None else "random (seed 0), forced lengths",
         "variants": {v.name: v.to_dict() for v in variants}, "spec_hashes": {v.name: v.hash for v in variants},
         "rows": rows, "peers": peers,
-        "notes": ("target tokens = output subwords + 1 EOS per sentence (per sentence, not per hypothesis); "
-                  "us_per_token = median time / target tokens; encoder timed alone on the same batches, "
-                  "decoder = whole - encoder; bound = roofline of the work done (finished rows cost nothing); "
-                  "batches = runs of batch_sentences sentences sorted by source length"),
+        "notes": ("target tokens = decoder steps (output subwords + EOS where emitted; per sentence, not per "
+                  "hypothesis); us_per_token = median time / target tokens; encoder = the engine's encoder clock "
+                  "(synchronised at batch boundaries), decoder = whole - encoder; bound = roofline of the work "
+                  "done (finished rows cost nothing); batches = runs of batch_sentences sentences sorted by "
+                  "source length"),
     }
     try:
         from .decode import tuning_record
@@ -301,7 +295,7 @@ def ct2_rows(v, model, sents: Sentences, beam: int, size: int, forced, ev, cfg: 
 
             def run():
                 for idx in groups:
-                    L = int(forced[idx].max()) - 1    # subwords before the (suppressed) EOS
+                    L = int(forced[idx].max())      # tokens decoded, EOS suppressed (as ours)
                     res = peer.translate([sents.src[i] for i in idx], beam=beam, alpha=ev.length_penalty,
                                          max_len=L, min_len=L, eos=False)
                     for i, h in zip(idx, res):
@@ -311,7 +305,7 @@ def ct2_rows(v, model, sents: Sentences, beam: int, size: int, forced, ev, cfg: 
         times = time_runs(run, device, cfg.repeats)
         st = _stats(times)
         # its own output in EOS mode (its translations may differ from ours), the forced tokens otherwise
-        tokens = int(sum(len(h) + 1 for h in hyps)) if forced is None else ours_row["target_tokens"]
+        tokens = int(steps_run(hyps, np.full(len(hyps), cap)).sum()) if forced is None else ours_row["target_tokens"]
         row = {"peer": "ct2", **peer.describe(), "variant": v.name, "beam": beam, "batch_sentences": size,
                "sentences": len(sents.src), "target_tokens": tokens, "method": method,
                "median_s": st["median_s"], "min_s": st["min_s"], "max_s": st["max_s"], "repeats": cfg.repeats,

@@ -514,9 +514,9 @@ def _decode_bench_real(spec, s, variants, state, beam, device, dtype, repeats, f
     ts = res["test_set"]
     t = Table(title=f"decode-bench --real {s.name}: {ts['sentences']} sentences of {ts['stem']} on "
                     f"{res['ceilings']['device']} ({cfg.dtype}), {res['weights']}",
-              caption="target tokens = output subwords + EOS per sentence; us/token = median time / target tokens; "
-                      "encoder timed alone, decoder = whole - encoder; bound = roofline of the work done; "
-                      "ours/ct2 = our target tokens/s over CTranslate2's")
+              caption="target tokens = decoder steps (subwords + EOS where emitted); us/token = median time / "
+                      "target tokens; encoder by the engine's clock, decoder = whole - encoder; bound = roofline of "
+                      "the work done; ours/ct2 = our target tokens/s over CTranslate2's")
     for col in bench_real.TABLE_COLUMNS:
         t.add_column(col, justify="left" if col in ("variant", "impl", "search") else "right")
     for r in bench_real.table_rows(res):

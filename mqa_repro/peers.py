@@ -301,7 +301,8 @@ def ct2_fixed_peer(variant, cfg, model: Transformer, device, ours_s: dict, vocab
     if why:
         return [{"peer": "ct2", "variant": variant.name, "skipped": why}]
     vocab = vocabulary or synthetic_vocabulary(m.padded_vocab)
-    src = random_tokens(cfg.batch, cfg.src_len, m.vocab_size, "cpu").tolist()
+    # full-length sources of src_len positions with their EOS, as the Table 2 rows (CT2Model appends the EOS)
+    src = random_tokens(cfg.batch, cfg.src_len - 1, m.vocab_size, "cpu").tolist()
     compute = {"fp32": "float32", "bf16": "bfloat16"}[cfg.dtype]
     ct2_dev = "cuda" if torch.device(device).type == "cuda" else "cpu"
     out = []
