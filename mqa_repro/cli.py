@@ -467,8 +467,8 @@ def decode_bench(
             form = f", multi-query form {p['mqa_form']}" if p.get("mqa_form") else ""
             search = "greedy" if p["beam"] == 1 else f"beam {p['beam']}"
             out.print(f"peer ct2 ({p['variant']}{form}, {search}, {p['device']} {p['compute_type']}): "
-                      f"{p['us_per_token']:.3g} us/token, {p.get('ratio_ct2_over_ours', float('nan')):.2f}x ours "
-                      f"(encoder + decoder)", highlight=False)
+                      f"{p['us_per_token']:.3g} us/token, {p.get('ratio_ct2_over_ours', float('nan')):.3g}x our "
+                      f"time (encoder + decoder, same weights and shape)", highlight=False)
         elif "ratio_hf_over_ours" in p:
             out.print(f"peer hf ({p['variant']}): {p['us_per_token']:.3g} us/token, "
                       f"{p['ratio_hf_over_ours']:.1f}x ours (encoder + greedy decoder)", highlight=False)

@@ -106,3 +106,17 @@ def test_one_head_flag_is_in_the_model_and_unsupported_models_are_refused():
         ct2_spec(Transformer(local.model), vocab)
     with pytest.raises(UserError, match="entries"):
         ct2_spec(model, vocab[:-1])
+
+
+def test_fixed_shape_peer_decodes_exactly_tgt_len_tokens_in_both_forms():
+    from mqa_repro.bench import BenchConfig
+    from mqa_repro.peers import ct2_fixed_peer
+
+    v = load_spec(TINY).variants["multi_query"]
+    model = Transformer(v.model).eval()
+    cfg = BenchConfig(batch=4, src_len=6, tgt_len=9, beams=[1, 2], repeats=1, dtype="fp32", device="cpu")
+    rows = ct2_fixed_peer(v, cfg, model, "cpu", {1: 0.5, 2: 1.0})
+    assert {(r["mqa_form"], r["beam"]) for r in rows} == {(f, b) for f in ("one_head", "replicated") for b in (1, 2)}
+    for r in rows:
+        assert r["tokens_per_sentence"] == [9] and r["us_per_token"] > 0 and r["ratio_ct2_over_ours"] > 0
+        assert r["device"] == "cpu" and r["compute_type"] == "float32"
