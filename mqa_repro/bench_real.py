@@ -208,6 +208,7 @@ def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer:
         src_len = np.array([len(s) + 1 for s in sents.src], dtype=np.int64)
         model = build_model(v, device, cfg.dtype, checkpoint_state)
         eng = Engine(model, use_triton=use_triton, tune=tune)
+        ct2_models = {}   # multi-query form -> CT2Model, converted once per variant
         ev = v.evaluation
         limits = forced if forced_mode else decode_limits(sents.src, ev, m)
         for beam in cfg.beams:
@@ -234,8 +235,11 @@ def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer:
                     row["forced_equals_reference"] = bool(np.array_equal(steps, forced))
                 rows.append(row)
                 if peer == "ct2":
-                    for pr in ct2_rows(v, model, sents, beam, size, forced, ev, cfg, device, outs, row, log):
-                        peers.append(pr)
+                    peers.extend(ct2_rows(v, model, sents, beam, size, forced, ev, cfg, device, outs, row, log,
+                                          ct2_models))
+        for x in ct2_models.values():
+            x.close()
+        ct2_models.clear()
         del eng, model
         _free(device)
     first = next(iter(sents_by_data.values()), None)
@@ -263,8 +267,11 @@ def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer:
 
 
 def ct2_rows(v, model, sents: Sentences, beam: int, size: int, forced, ev, cfg: RealConfig, device, ours_outs,
-             ours_row: dict, log) -> list:
-    """CTranslate2 on the same weights and sentences, per multi-query form; ratio of target tokens/s."""
+             ours_row: dict, log, models: dict) -> list:
+    """CTranslate2 on the same weights and sentences, per multi-query form; ratio of target tokens/s.
+
+    ``models`` caches the converted model per form. CTranslate2's calls are synchronous, so they are timed
+    by the wall clock (on the CPU: ``peer_threads`` threads, default as many as torch uses)."""
     from .peers import CT2Model, ct2_supported
 
     m = model.spec
@@ -280,8 +287,10 @@ def ct2_rows(v, model, sents: Sentences, beam: int, size: int, forced, ev, cfg: 
     cap = min(ev.max_len_cap, m.max_positions)
     for form in forms:
         log(f"{v.name}: CTranslate2 ({form if m.n_kv_heads == 1 else 'multi-head'}), beam {beam}, {size} per batch")
-        peer = CT2Model(model, sents.vocabulary, device=ct2_dev, compute_type=compute, mqa_form=form,
-                        threads=cfg.peer_threads)
+        if form not in models:
+            models[form] = CT2Model(model, sents.vocabulary, device=ct2_dev, compute_type=compute, mqa_form=form,
+                                    threads=cfg.peer_threads or (torch.get_num_threads() if ct2_dev == "cpu" else 0))
+        peer = models[form]
         hyps = [None] * len(sents.src)
         if forced is None:
             def run():
@@ -302,7 +311,7 @@ def ct2_rows(v, model, sents: Sentences, beam: int, size: int, forced, ev, cfg: 
                         hyps[i] = h
             method = ("forced lengths: batches of similar reference length, EOS suppressed, each batch decoded "
                       "to its longest forced length; only forced tokens counted")
-        times = time_runs(run, device, cfg.repeats)
+        times = time_runs(run, torch.device("cpu"), cfg.repeats)   # wall clock: translate_batch blocks
         st = _stats(times)
         # its own output in EOS mode (its translations may differ from ours), the forced tokens otherwise
         tokens = int(steps_run(hyps, np.full(len(hyps), cap)).sum()) if forced is None else ours_row["target_tokens"]
@@ -316,8 +325,6 @@ def ct2_rows(v, model, sents: Sentences, beam: int, size: int, forced, ev, cfg: 
             same = sum(a == b for a, b in zip(hyps, ours_outs))
             row["identical_translations"] = same / len(hyps)
         out.append(row)
-        peer.close()
-        _free(device)
     return out
 
 

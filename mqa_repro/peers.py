@@ -175,6 +175,11 @@ class CT2Model:
     def __init__(self, model: Transformer, vocabulary: list, *, device: str = "cpu", compute_type: str = "float32",
                  mqa_form: str = "one_head", threads: int = 0, model_dir: Optional[Path] = None):
         ct2 = _ct2()
+        if device == "cuda" and ct2.get_cuda_device_count() < 1:
+            raise UserError("CTranslate2 sees no CUDA device (its CUDA build loads libcublas.so.12: install the CUDA "
+                            "12 runtime or link it to this machine's libcublas); run the peer on the CPU instead")
+        if device not in ("cpu", "cuda"):
+            raise UserError(f"the CTranslate2 peer runs on cpu or cuda, got {device!r}")
         self.vocabulary = list(vocabulary)
         self.index = {tok: i for i, tok in enumerate(self.vocabulary)}
         self.mqa_form = mqa_form if model.spec.n_kv_heads == 1 else None
@@ -314,8 +319,9 @@ def ct2_fixed_peer(variant, cfg, model: Transformer, device, ours_s: dict, vocab
                 return peer.translate(src, beam=beam, alpha=0.0, max_len=cfg.tgt_len, min_len=cfg.tgt_len,
                                       eos=False, max_batch_size=cfg.batch)
 
-            produced = {len(h) for h in run()}
-            times = time_runs(run, torch.device(device), max(2, min(cfg.repeats, 3)), warmup=0)
+            produced = {len(h) for h in run()}   # also the warm-up
+            # wall clock: translate_batch returns only when its work is done
+            times = time_runs(run, torch.device("cpu"), max(2, min(cfg.repeats, 3)), warmup=0)
             st = _stats(times)
             row = {**peer.describe(), "variant": variant.name, "beam": beam, "batch": cfg.batch,
                    "src_len": cfg.src_len, "tgt_len": cfg.tgt_len, "tokens_per_sentence": sorted(produced),
