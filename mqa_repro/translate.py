@@ -200,7 +200,7 @@ def _progress_bar(total: int, title: str, enabled: bool):
 
 
 def _dist():
-    """(rank, world) under torchrun (a process group is started: gloo on the CPU, NCCL on GPUs)."""
+    """(rank, world) from torchrun's environment ((0, 1) outside it); ``run`` starts the process group."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
