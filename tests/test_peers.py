@@ -70,7 +70,7 @@ def test_trained_multi_head_greedy_and_beam(trained, sentences):
     ours4 = translate_ours(variant, model, sentences, 4, 0.6)
     theirs4 = ct2_by_limit(peer, sentences, lims, beam=4, alpha=0.6)
     agree = np.mean([a == b for a, b in zip(ours4, theirs4)])
-    assert agree >= 0.75, agree
+    assert agree >= 0.85, agree   # 0.97 on all 200 evaluated sentences (0.90 at alpha = 1: the gap grows with alpha)
     peer.close()
 
 
