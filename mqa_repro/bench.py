@@ -24,8 +24,8 @@ import torch
 from . import roofline as rl
 from .costmodel import kv_cache_resident_bytes
 from .errors import UserError
-from .fastdecode import DecodeRun, FastDecoder, tuning_record
-from .model import BOS, PAD, Transformer, count_parameters
+from .decode import Engine, forbid_specials, tuning_record
+from .model import BOS, EOS, Transformer, count_parameters
 from .provenance import manifest
 from .runtime import median, time_runs
 
@@ -46,9 +46,8 @@ class BenchConfig:
     device: str
     train: bool = True
     train_tokens: int = 32768
-    streams: int = 1            # CUDA: the batch split over this many streams (2 measured slower on an H100)
     attention: str = "triton"   # or "torch" (the CPU always uses torch)
-    check: bool = True          # fast path == model.decode_step, graph == eager, beam == reference beam
+    check: bool = True          # engine == model.decode_step, graph == eager, fixed == real-input path
     tune: bool = True           # CUDA: time kernel launches and product choices on the device (else fixed)
     sweep: Optional[str] = None  # "batch" or "length"
     sweep_values: list = field(default_factory=list)
@@ -292,187 +291,103 @@ def bench_training(variant, cfg: BenchConfig, device, ceil: rl.Ceilings, options
                 label_smoothing=t.label_smoothing, grad_clip=t.grad_clip)
 
 
-def _chunks(fast: FastDecoder, cross: Optional[list], batch: int, beam: int, steps: int, n_chunks: int) -> list:
-    n_chunks = max(1, min(n_chunks, batch))
-    bounds = [round(i * batch / n_chunks) for i in range(n_chunks + 1)]
-    out = []
-    for b0, b1 in zip(bounds[:-1], bounds[1:]):
-        c = [x[b0:b1] for x in cross] if cross is not None else None
-        out.append(fast.new_chunk(c, b1 - b0, beam, steps))
-    return out
-
-
-def _streams_for(cfg: BenchConfig, device, batch: int) -> int:
-    return cfg.streams if (device.type == "cuda" and batch >= 64) else 1
-
-
 def bench_decoder(variant, model, cfg: BenchConfig, device, ceil: rl.Ceilings, beams, batch=None,
                   src_len=None, tgt_len=None, encoder: bool = True) -> list:
-    """Encoder and decoder rows (greedy and each beam) at one shape."""
+    """Encoder and decoder rows (greedy and each beam) at one shape: the engine's fixed-length protocol."""
     m = variant.model
     batch, src_len, tgt_len = batch or cfg.batch, src_len or cfg.src_len, tgt_len or cfg.tgt_len
     seq2seq = m.is_seq2seq
-    fast = FastDecoder(model, use_triton=cfg.attention == "triton", tune=cfg.tune)
+    engine = Engine(model, use_triton=cfg.attention == "triton", tune=cfg.tune)
     rows = []
-    cross = None
+    src = None
     shape = {"batch": batch, "src_len": src_len if seq2seq else 0, "tgt_len": tgt_len}
     if seq2seq:
         src = random_tokens(batch, src_len, m.vocab_size, device)
-        times = time_runs(lambda: fast.encode(src), device, cfg.repeats)
+        times = time_runs(lambda: engine.step.encode(src), device, cfg.repeats)
         if encoder:
             rows.append(_row(variant, "encoder", 0, times, rl.encoder_cost(m, batch, src_len, cfg.dtype), ceil,
                              batch * tgt_len, cfg, **shape, impl="eager", kv_cache_bytes=0))
-        cross = fast.encode(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    streams = _streams_for(cfg, device, batch)
-    graphs = device.type == "cuda"
+    graphs = engine.graphs
     for beam in beams:
-        chunks = _chunks(fast, cross, batch, beam, tgt_len, streams)
-        run = DecodeRun(fast, chunks, tgt_len, graphs=graphs)
+        run = engine.fixed_run(batch, beam, tgt_len, src)
         times = time_runs(run.run, device, cfg.repeats, before=run.reset)
         costs = rl.decode_costs(m, batch, src_len if seq2seq else 0, tgt_len, beam, cfg.dtype, "indirect")
         rows.append(_row(variant, "decoder", beam, times, costs, ceil, batch * tgt_len, cfg,
                          hyp_tokens=batch * beam * tgt_len if beam > 1 else None, **shape,
-                         impl={"cuda_graphs": graphs, "graphs": len(run.graphs), "streams": len(chunks),
+                         impl={"graphs": len(run.graphs),
                                "attention": "triton" if (graphs and cfg.attention == "triton") else "torch",
                                "beam_reorder": "indirect (ancestor table)" if beam > 1 else None,
-                               **fast.describe()},
+                               **engine.describe()},
                          kv_cache_bytes=kv_cache_resident_bytes(m, batch, tgt_len, src_len if seq2seq else 0,
                                                                 beam, cfg.dtype)))
-        del run, chunks
+        del run
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
 # --------------------------------------------------------------------------------------------------
-# Correctness of the fast path (recorded beside the times)
+# Correctness of the engine (recorded beside the times)
 # --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def reference_fixed_beam(model: Transformer, src_BS, batch: int, beam: int, steps: int):
-    """Fixed-length beam search through the model's own decode_step and physical cache reorder."""
-    dev = model.embed.weight.device
-    state = model.start_decoding(batch, steps, beam=beam, src_BS=src_BS)
-    tok = torch.full((batch * beam,), BOS, device=dev, dtype=torch.long)
-    scores = torch.full((batch, beam), float("-inf"), device=dev)
-    scores[:, 0] = 0
-    hist, parents = [], []
-    base = torch.arange(batch, device=dev)[:, None] * beam
-    for t in range(steps):
-        logp = torch.log_softmax(model.decode_step(tok, t, state).float(), -1)
-        v = logp.shape[-1]
-        scores, idx = (scores[:, :, None] + logp.view(batch, beam, v)).view(batch, -1).topk(beam, -1)
-        parent = (base + idx // v).view(-1)
-        tok = (idx % v).view(-1)
-        hist.append(tok)
-        parents.append(parent)
-        state.reorder(parent)
-    row = base[:, 0] + scores.argmax(1)
-    out = []
-    for t in range(steps - 1, -1, -1):
-        out.append(hist[t][row])
-        row = parents[t][row]
-    return torch.stack(out[::-1], 1), scores.max(1).values
-
-
 @torch.no_grad()
 def check_fast_path(variant, model: Transformer, cfg: BenchConfig, device, beam: int = 4,
                     batch: int = 4, split: Optional[int] = None) -> dict:
-    """The fast decoder computes model.decode_step's function; graphs replay what eager computes.
-    ``split`` fixes how the residual products are computed (FastDecoder); None lets the device choose."""
+    """The engine's step computes model.decode_step's function; graphs replay what eager computes; the
+    fixed-length protocol (static positions, one graph per step) decodes what the real-input path (per-row
+    positions and lengths, one graph per shape) decodes with the same lengths forced.
+    ``split`` fixes how the residual products are computed; None lets the device choose."""
+    from .decode.cache import DecodeCache
+
     m = variant.model
     steps = min(cfg.tgt_len, 40)
     seq2seq = m.is_seq2seq
-    src = random_tokens(batch, cfg.src_len, m.vocab_size, device, seed=3) if seq2seq else None
-    fast = FastDecoder(model, use_triton=cfg.attention == "triton", split=split, tune=cfg.tune)
-    cross = fast.encode(src) if seq2seq else None
+    src = None
+    if seq2seq:   # full-length sources ending in EOS, as translate builds them
+        src = torch.cat([random_tokens(batch, cfg.src_len - 1, m.vocab_size, device, seed=3),
+                         torch.full((batch, 1), EOS, device=device, dtype=torch.long)], 1)
+    eng = {g: Engine(model, use_triton=cfg.attention == "triton", split=split, tune=cfg.tune, graphs=g)
+           for g in ([False, True] if device.type == "cuda" else [False])}
+    eager = eng[False]
     # 1. logits, step by step, teacher-forced with the reference's greedy tokens
     state = model.start_decoding(batch, steps, src_BS=src)
-    ch = fast.new_chunk(cross, batch, 1, steps)
+    cache = DecodeCache(m.decoder_layers, batch, 1, m.n_kv_heads, m.d_k, m.d_v, steps, m.window, device,
+                        model.embed.weight.dtype)
+    if seq2seq:
+        cache.set_cross(eager.step.encode(src), None)
+    tok = torch.full((batch,), BOS, device=device, dtype=torch.long)
     worst = 0.0
     ref_tokens = []
     for t in range(steps):
-        ref = model.decode_step(ch.tok_N, t, state).float()
-        got = fast.logits(ch, t).float()
+        ref = model.decode_step(tok, t, state).float()
+        got = eager.step.logits(cache, tok, t).float()
         worst = max(worst, ((got - ref).norm() / ref.norm()).item())
-        ch.tok_N.copy_(ref.argmax(-1))
-        ref_tokens.append(ch.tok_N.clone())
+        tok = forbid_specials(ref.clone(), eager.vocab_limit).argmax(-1)
+        ref_tokens.append(tok)
     ref_tokens = torch.stack(ref_tokens, 1)
     out = {"steps": steps, "batch": batch, "logits_rel_err_max": worst}
-    # 2. greedy and beam: eager fast path vs graphs, beam vs the reference beam search
-    beams = [1] + ([beam] if beam > 1 else [])
-    for k in beams:
+    # 2. greedy and beam: eager vs graphs, the fixed-length protocol vs the real-input path
+    for k in [1] + ([beam] if beam > 1 else []):
         results = {}
-        for graphs in ([False, True] if device.type == "cuda" else [False]):
-            chunks = _chunks(fast, cross, batch, k, steps, 2 if graphs else 1)
-            run = DecodeRun(fast, chunks, steps, graphs=graphs)
-            run.reset()
+        for g, e in eng.items():
+            run = e.fixed_run(batch, k, steps, src)
             run.run()
-            results[graphs] = torch.cat([FastDecoder.best_tokens(c) for c in chunks], 0)
-        eager = results[False]
+            results[g] = run.tokens().cpu()
         key = "greedy" if k == 1 else f"beam{k}"
         if True in results:
-            out[f"{key}_graph_equals_eager"] = bool(torch.equal(results[True], eager))
+            out[f"{key}_graph_equals_eager"] = bool(torch.equal(results[True], results[False]))
         if k == 1:
-            out["greedy_token_agreement_with_model"] = (eager == ref_tokens).float().mean().item()
-        else:
-            ref, _ = reference_fixed_beam(model, src, batch, k, steps)
-            out[f"{key}_sentences_equal_reference"] = (eager == ref).all(1).float().mean().item()
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Peer: Hugging Face transformers' generate on a Marian-architecture config of the same dimensions
-# --------------------------------------------------------------------------------------------------
-def hf_peer(variant, cfg: BenchConfig, device, ours_row_s: Optional[float]) -> dict:
-    m = variant.model
-    if not m.is_seq2seq or m.n_kv_heads != m.n_heads or m.n_heads * m.d_k != m.d_model:
-        return {"peer": "hf", "skipped": "Marian is multi-head with d_k = d_model / heads; "
-                                         f"{variant.name} is not"}
-    if m.window:
-        return {"peer": "hf", "skipped": f"Marian attends to every earlier position; {variant.name} is local "
-                                         f"(window {m.window})"}
-    try:
-        import transformers
-        from transformers import MarianConfig, MarianMTModel
-    except ImportError:
-        raise UserError("--peer hf needs Hugging Face transformers, which is not installed here "
-                        "(pip install transformers)") from None
-    conf = MarianConfig(
-        vocab_size=m.padded_vocab, d_model=m.d_model, encoder_layers=m.encoder_layers,
-        decoder_layers=m.decoder_layers, encoder_attention_heads=m.n_heads, decoder_attention_heads=m.n_heads,
-        encoder_ffn_dim=m.d_ff, decoder_ffn_dim=m.d_ff, max_position_embeddings=max(m.max_positions, cfg.tgt_len + 1),
-        activation_function="relu", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-        pad_token_id=PAD, eos_token_id=3, decoder_start_token_id=BOS, forced_eos_token_id=None,
-        scale_embedding=True, share_encoder_decoder_embeddings=True, tie_word_embeddings=True)
-    try:
-        model = MarianMTModel(conf).to(device=device, dtype=TORCH_DTYPES[cfg.dtype]).eval()
-    except Exception as e:  # pragma: no cover - depends on the installed version
-        return {"peer": "hf", "error": f"{type(e).__name__}: {e}"}
-    src = random_tokens(cfg.batch, cfg.src_len, m.vocab_size, device)
-    mask = torch.ones_like(src)
-
-    @torch.no_grad()
-    def gen():
-        return model.generate(input_ids=src, attention_mask=mask, num_beams=1, do_sample=False,
-                              min_new_tokens=cfg.tgt_len, max_new_tokens=cfg.tgt_len, eos_token_id=None)
-
-    try:
-        produced = gen().shape[1] - 1
-        times = time_runs(gen, device, max(2, min(cfg.repeats, 3)), warmup=0)
-    except Exception as e:  # pragma: no cover
-        return {"peer": "hf", "error": f"{type(e).__name__}: {e}"}
-    finally:
-        del model
-    st = _stats(times)
-    out = {"peer": "hf", "transformers": transformers.__version__, "model": "MarianMTModel (multi-head)",
-           "variant": variant.name, "batch": cfg.batch, "src_len": cfg.src_len, "tgt_len": cfg.tgt_len,
-           "tokens_generated": produced, "median_s": st["median_s"], "min_s": st["min_s"], "max_s": st["max_s"],
-           "us_per_token": st["median_s"] * 1e6 / (cfg.batch * cfg.tgt_len),
-           "what": "generate(): encoder + greedy decoder, eager, its default cache"}
-    if ours_row_s:
-        out["ratio_hf_over_ours"] = st["median_s"] / ours_row_s
+            out["greedy_token_agreement_with_model"] = (results[False] == ref_tokens.cpu()).float().mean().item()
+        real = {}
+        for g, e in eng.items():
+            forced = [steps] * batch
+            if seq2seq:
+                ids = e.translate(src[:, :-1].tolist(), beam=k, forced_lengths=forced)
+            else:
+                ids = e.generate([[]] * batch, beam=k, forced_lengths=forced)
+            real[g] = torch.tensor(ids)
+            if g:
+                out[f"{key}_real_input_graph_equals_eager"] = bool(torch.equal(real[True], real[False]))
+        out[f"{key}_sentences_equal_real_input_path"] = (results[False] == real[False]).all(1).float().mean().item()
     return out
 
 
@@ -513,7 +428,14 @@ def run_bench(variants: list, cfg: BenchConfig, checkpoint_state=None, peer: Opt
                 ours = sum(r["median_s"] for r in dec if r["measure"] == "encoder" or
                            (r["measure"] == "decoder" and r["beam"] == 1))
                 log(f"{v.name}: Hugging Face peer")
+                from .peers import hf_peer
                 peers.append(hf_peer(v, cfg, device, ours))
+            if peer == "ct2":
+                enc = sum(r["median_s"] for r in dec if r["measure"] == "encoder")
+                ours = {r["beam"]: enc + r["median_s"] for r in dec if r["measure"] == "decoder"}
+                log(f"{v.name}: CTranslate2 peer on the same weights")
+                from .peers import ct2_fixed_peer
+                peers.extend(ct2_fixed_peer(v, cfg, model, device, ours))
         else:
             model = build_model(v, device, cfg.dtype, checkpoint_state)
             values = cfg.sweep_values or (SWEEP_BATCHES if cfg.sweep == "batch" else SWEEP_LENGTHS)

@@ -285,6 +285,74 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------------------------------
+class InferDtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+_TARGET_HELP = ("A run directory written by train (its manifest.json names the checkpoint and the prepared data "
+                "whose SentencePiece model is used) or a checkpoint file (prepared data: --data, else "
+                "data/<spec name>).")
+
+
+@app.command()
+def translate(
+    target: Path = typer.Argument(..., help=_TARGET_HELP),
+    input: str = typer.Option("-", "--input", "-i", help="Source text, one sentence per line (- for stdin)."),
+    output: str = typer.Option("-", "--output", "-o", help="Translations, one line per input line (- for stdout)."),
+    beam: int = typer.Option(1, "--beam", help="Beam size (1 = greedy); beams use the spec's "
+                             "evaluation.length_penalty and decode limit."),
+    batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Source tokens per decoding batch (sentences "
+                                     "are bucketed by length under this budget)."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    dtype: InferDtype = typer.Option(InferDtype.fp32, "--dtype", help="fp32 (what evaluate decodes in) or bf16."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data holding the SentencePiece model "
+                                        "(default: the run's)."),
+):
+    """Translate raw text with a trained encoder-decoder run: SentencePiece-encode each line, decode with the
+    fast engine, detokenize as evaluate does, one output line per input line in input order. Lines are split
+    at newline only. An empty line gives an empty line. A line with more subwords than the model was trained
+    on (data.max_len - 1, the cut evaluate applies) is truncated to its first that many, and the count is
+    printed on stderr. A progress bar shows on a terminal. Under `torchrun --nproc_per_node N -m mqa_repro
+    translate ...` the lines are shared out over the processes (one GPU each, or gloo on the CPU) and rank 0
+    writes the one output, in input order; an output file is written whole or not at all."""
+    from .translate import run as run_lines
+
+    run_lines(target, input, output, command="translate", beam=beam, batch_tokens=batch_tokens,
+              device=device.value, dtype=dtype.value, data=data,
+              say=lambda msg: err.print(msg, highlight=False, soft_wrap=True))
+
+
+@app.command()
+def generate(
+    target: Path = typer.Argument(..., help=_TARGET_HELP),
+    input: str = typer.Option("-", "--input", "-i", help="Prompts, one per line (- for stdin)."),
+    output: str = typer.Option("-", "--output", "-o", help="Continuations, one line per prompt (- for stdout)."),
+    beam: int = typer.Option(1, "--beam", help="Beam size (1 = greedy), with the spec's "
+                             "evaluation.length_penalty."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Subwords generated per prompt at most "
+                                       "(fewer where the model's positions run out; EOS ends a continuation)."),
+    batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Prompt tokens per decoding batch."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    dtype: InferDtype = typer.Option(InferDtype.fp32, "--dtype", help="fp32 or bf16."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data holding the SentencePiece model "
+                                        "(default: the run's)."),
+):
+    """Continue prompts with a trained decoder-only (language model) run: each line is a prompt, the output
+    line its detokenized continuation (greedy or beam). Lines are split at newline only. An empty line gives
+    an empty line. A prompt with more subwords than the model was trained on (data.max_len - 1) keeps its
+    last that many (the continuation follows them), and the count is printed on stderr. A progress bar shows
+    on a terminal. Under `torchrun --nproc_per_node N -m mqa_repro generate ...` the prompts are shared out
+    over the processes and rank 0 writes the one output, in input order; an output file is written whole or
+    not at all."""
+    from .translate import run as run_lines
+
+    run_lines(target, input, output, command="generate", beam=beam, batch_tokens=batch_tokens,
+              max_new_tokens=max_new_tokens, device=device.value, dtype=dtype.value, data=data,
+              say=lambda msg: err.print(msg, highlight=False, soft_wrap=True))
+
+
+# --------------------------------------------------------------------------------------------------
 class BenchFormat(str, Enum):
     table = "table"
     json = "json"
@@ -319,13 +387,16 @@ def decode_bench(
                                             "CSV rows if the name ends in .csv)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Time a trained checkpoint's weights."),
     peer: Optional[str] = typer.Option(None, "--peer", help="hf: also time Hugging Face generate() on a Marian "
-                                       "config of the same dimensions and print the ratio."),
+                                       "config of the same dimensions and print the ratio. ct2: also time "
+                                       "CTranslate2 (pip install 'mqa-repro[ct2]') running the same weights on "
+                                       "the same device, at the same shape or (--real) on the same sentences, "
+                                       "both of its multi-query forms labelled (num_heads_kv=1 copies the K/V "
+                                       "head to every head; the per-layer multi_query flag keeps one)."),
     sweep: Optional[Sweep] = typer.Option(None, "--sweep", help="batch (1..1024) or length (32..256): greedy "
                                           "decoder us/token across the sweep instead of the Table 2 rows."),
     sweep_values: Optional[List[int]] = typer.Option(None, "--sweep-value", help="Sweep points (repeatable)."),
     train: bool = typer.Option(True, "--train/--no-train", help="Time the training step too."),
-    check: bool = typer.Option(True, "--check/--no-check", help="Check the fast decoder against the model first."),
-    streams: int = typer.Option(1, "--streams", help="CUDA streams the batch is split over (1 = none)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Check the decoding engine against the model first."),
     attention: str = typer.Option("triton", "--attention", help="Decode attention on CUDA: triton or torch."),
     refresh_ceilings: bool = typer.Option(False, "--refresh-ceilings", help="Measure the device's bandwidth and "
                                           "matmul peak again instead of using the cached measurement (roofline "
@@ -334,9 +405,25 @@ def decode_bench(
                               "launches and how the projections, the residual products and the FFN ReLU are "
                               "computed by timing them on this device (recorded in the JSON); --no-tune uses "
                               "fixed choices."),
+    real: bool = typer.Option(False, "--real", help="Time translating a real test set (EOS on, greedy and "
+                              "beam) instead of the fixed-length Table 2 rows: sentences/s, target tokens/s, "
+                              "us per target token, encoder and decoder apart, beside the roofline. Random "
+                              "weights force each sentence's output to its reference's length; --checkpoint "
+                              "decodes to EOS."),
+    test_set: Optional[str] = typer.Option(None, "--test-set", help="--real: the prepared split to translate "
+                                           "(default: the spec's first data.test, e.g. newstest2014)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="--real: prepared data (default: data/<spec name>)."),
+    max_sentences: Optional[int] = typer.Option(None, "--max-sentences", help="--real: only the first N "
+                                                "sentences of the test set."),
+    sentences_per_batch: Optional[List[int]] = typer.Option(None, "--sentences-per-batch", help="--real: "
+                                                            "sentences per batch, sorted by source length "
+                                                            "(repeatable; default 1024 and 32)."),
+    peer_threads: int = typer.Option(0, "--peer-threads", help="CPU threads of the CTranslate2 peer on the CPU "
+                                     "(0: its default)."),
 ):
     """Table 2 on this device: training, encoder and decoder (greedy, beam) microseconds per output token for
-    each variant, beside the roofline bound, MBU, MFU and KV-cache bytes; CUDA graphs on a GPU."""
+    each variant, beside the roofline bound, MBU, MFU and KV-cache bytes; CUDA graphs on a GPU. With --real:
+    throughput translating a real test set instead (see --real)."""
     from . import bench
     from .provenance import check_writable, write_json_atomic, write_text_atomic
     from .runtime import resolve_device
@@ -350,12 +437,19 @@ def decode_bench(
     if checkpoint is not None:
         v, state = bench.load_checkpoint(checkpoint, variants)
         variants = [v]
-    if peer not in (None, "hf"):
-        raise UserError(f"--peer must be hf, got {peer!r}")
+    if peer not in (None, "hf", "ct2"):
+        raise UserError(f"--peer must be hf or ct2, got {peer!r}")
+    if peer == "ct2":
+        from .peers import _ct2
+
+        _ct2()
+    if real:
+        return _decode_bench_real(spec, s, variants, state, beam, device, dtype, repeats, format, out_file, peer,
+                                  test_set, data, max_sentences, sentences_per_batch, peer_threads, attention, tune)
     if attention not in ("triton", "torch"):
         raise UserError(f"--attention must be triton or torch, got {attention!r}")
     for name, x in (("--batch-size", batch_size), ("--src-len", src_len), ("--tgt-len", tgt_len),
-                    ("--repeats", repeats), ("--streams", streams)):
+                    ("--repeats", repeats)):
         if x is not None and x < 1:
             raise UserError(f"{name} must be positive, got {x}")
     if beam and any(k < 1 for k in beam):
@@ -369,7 +463,7 @@ def decode_bench(
     dev = resolve_device(device.value)
     cfg = bench.default_config(variants[0], dev, batch=batch_size, src_len=src_len, tgt_len=tgt_len,
                                beams=sorted(set(beam)) if beam else None, repeats=repeats,
-                               dtype=dtype.value if dtype else None, train=train, check=check, streams=streams,
+                               dtype=dtype.value if dtype else None, train=train, check=check,
                                attention=attention, tune=tune, sweep=sweep.value if sweep else None,
                                sweep_values=list(sweep_values) if sweep_values else None)
     res = bench.run_bench(variants, cfg, state, peer, spec_path=str(spec),
@@ -403,7 +497,16 @@ def decode_bench(
                       f"{r['projected_train_steps']} steps: {r['projected_train_s'] / 3600:.2f} h on this device",
                       highlight=False)
     for p in res["peers"]:
-        if "ratio_hf_over_ours" in p:
+        if p.get("peer") == "ct2":
+            if "skipped" in p:
+                out.print(f"peer ct2 ({p['variant']}): skipped: {p['skipped']}", highlight=False)
+                continue
+            form = f", multi-query form {p['mqa_form']}" if p.get("mqa_form") else ""
+            search = "greedy" if p["beam"] == 1 else f"beam {p['beam']}"
+            out.print(f"peer ct2 ({p['variant']}{form}, {search}, {p['device']} {p['compute_type']}): "
+                      f"{p['us_per_token']:.3g} us/token, {p.get('ratio_ct2_over_ours', float('nan')):.3g}x our "
+                      f"time (encoder + decoder, same weights and shape)", highlight=False)
+        elif "ratio_hf_over_ours" in p:
             out.print(f"peer hf ({p['variant']}): {p['us_per_token']:.3g} us/token, "
                       f"{p['ratio_hf_over_ours']:.1f}x ours (encoder + greedy decoder)", highlight=False)
         else:
@@ -417,6 +520,57 @@ def decode_bench(
         out.print(f"multi-head / multi-query greedy decoder: {summary['multi_head_over_multi_query_decoder']:.2f}x"
                   + (" (from noisy rows: not to be trusted)" if summary.get("multi_head_over_multi_query_decoder_noisy")
                      else ""), highlight=False)
+
+
+def _decode_bench_real(spec, s, variants, state, beam, device, dtype, repeats, format, out_file, peer, test_set,
+                       data, max_sentences, sentences_per_batch, peer_threads, attention, tune):
+    """decode-bench --real: parse, call bench_real.run_real_bench, print."""
+    from . import bench, bench_real
+    from .provenance import write_json_atomic
+
+    if peer == "hf":
+        raise UserError("--peer hf times fixed shapes only (Marian on random weights); use --peer ct2 with --real")
+    for name, xs in (("--max-sentences", [max_sentences] if max_sentences is not None else []),
+                     ("--sentences-per-batch", sentences_per_batch or []), ("--repeats", [repeats] if repeats else []),
+                     ("--beam", beam or [])):
+        if xs and min(xs) < 1:
+            raise UserError(f"{name} must be positive, got {min(xs)}")
+    dev = bench.resolve_device(device.value)
+    v0 = variants[0]
+    cfg = bench_real.RealConfig(
+        device=dev.type, dtype=dtype.value if dtype else ("fp32" if dev.type == "cpu" else v0.benchmark.dtype),
+        beams=sorted(set(beam)) if beam else list(v0.benchmark.beams),
+        batches=list(dict.fromkeys(sentences_per_batch)) if sentences_per_batch else list(bench_real.DEFAULT_BATCHES),
+        repeats=repeats or min(v0.benchmark.repeats, 3), stem=test_set, max_sentences=max_sentences,
+        peer_threads=peer_threads)
+    res = bench_real.run_real_bench(variants, cfg, state, peer, data=data, spec_path=str(spec),
+                                    use_triton=(attention == "triton") if dev.type == "cuda" else None, tune=tune,
+                                    log=lambda msg: err.print(msg, highlight=False))
+    if out_file is not None:
+        write_json_atomic(out_file, res)
+    if format != BenchFormat.table:
+        if format == BenchFormat.csv:
+            raise UserError("--real writes table or json; --format csv is for the Table 2 rows")
+        print(json.dumps(res, indent=2, default=str))
+        return
+    ts = res["test_set"]
+    t = Table(title=f"decode-bench --real {s.name}: {ts['sentences']} sentences of {ts['stem']} on "
+                    f"{res['ceilings']['device']} ({cfg.dtype}), {res['weights']}",
+              caption="target tokens = decoder steps (subwords + EOS where emitted); us/token = median time / "
+                      "target tokens; encoder by the engine's clock, decoder = whole - encoder; bound = roofline of "
+                      "the work done; ours/ct2 = our target tokens/s over CTranslate2's")
+    for col in bench_real.TABLE_COLUMNS:
+        t.add_column(col, justify="left" if col in ("variant", "impl", "search") else "right")
+    for r in bench_real.table_rows(res):
+        t.add_row(*r)
+    out.print(t)
+    for p in res["peers"]:
+        if "skipped" in p:
+            out.print(f"peer ct2 ({p['variant']}): skipped: {p['skipped']}", highlight=False)
+        elif "method" in p:
+            note = f"; identical translations {p['identical_translations']:.1%}" if "identical_translations" in p else ""
+            out.print(f"ct2 {p['variant']} beam {p['beam']} x{p['batch_sentences']}: {p['method']}{note}",
+                      highlight=False)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ sacrebleu, every tokenizer of ``evaluation.bleu_tokenizers`` (``intl`` as the pa
 each with its full signature: dev with greedy decoding, each test set with every beam of
 ``evaluation.beams`` (beam 1 is greedy) and the paper's length penalty. Decode limit per sentence:
 min(max_len_cap, max_len_a * source length + max_len_b) (decode.max_lengths; the source as the encoder
-sees it, EOS included), never beyond model.max_positions.
+sees it, EOS included), never beyond model.max_positions. Decoding runs on the engine (mqa_repro.decode).
 
 The detokenized hypotheses are written one line per source sentence (``hyp.<split>.beam<k>.txt``) beside
 the references they were scored against (``ref.<split>.txt``), so that
@@ -34,13 +34,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .decode import beam_search, greedy, max_lengths
 from .errors import UserError
-from .model import EOS, PAD
 from .provenance import manifest, now, write_json_atomic
 from .runtime import Progress, resolve_device
 from .textio import as_sacrebleu_cli_reads, one_line, write_lines
-from .train import (Examples, collate, corpus_nll, load_checkpoint, load_examples, model_from_checkpoint,
+from .train import (Examples, corpus_nll, load_checkpoint, load_examples, model_from_checkpoint,
                     open_prepared, data_fingerprint)
 
 
@@ -53,35 +51,23 @@ def _say(text: str, enabled: bool) -> None:
 # Decoding a split
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def translate(model, ex: Examples, ev, beam: int, batch_size: int, device, advance=None,
-              vocab_limit: Optional[int] = None) -> list:
+def translate(model, ex: Examples, ev, beam: int, batch_size: int, device, advance=None, engine=None,
+              vocab_limit=None) -> list:
     """Token ids of the best hypothesis for every source sentence, in the split's order (EOS removed).
 
-    ``vocab_limit``: the SentencePiece model's piece count; no id from there up is generated.
-
-    Sentences are decoded in batches of similar source length (sorted), then put back in order.
+    Decoded by the engine (:class:`mqa_repro.decode.Engine`; pass ``engine`` to reuse its captured graphs):
+    sentences sorted by source length, at least ``batch_size`` per batch.
     """
-    order = np.argsort(ex.src_lens, kind="stable")
-    out = [None] * len(ex)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        src_BS = collate(Examples(tgt=[ex.tgt[i] for i in idx], src=[ex.src[i] for i in idx]),
-                         [[k] for k in range(len(idx))]).src_BS.to(device)
-        lim_B = max_lengths(src_BS, len(idx), ev.max_len_a, ev.max_len_b,
-                            min(ev.max_len_cap, model.spec.max_positions), device)
-        if beam == 1:
-            tokens_BL, lengths_B = greedy(model, src_BS, max_len_B=lim_B, vocab_limit=vocab_limit)
-        else:
-            tokens_BL, lengths_B, _ = beam_search(model, src_BS, beam=beam, alpha=ev.length_penalty,
-                                                  max_len_B=lim_B, vocab_limit=vocab_limit)
-        for row, i in enumerate(idx):
-            ids = tokens_BL[row, : int(lengths_B[row])].tolist()
-            if ids and ids[-1] == EOS:
-                ids = ids[:-1]
-            out[int(i)] = ids
-        if advance is not None:
-            advance(len(idx))
-    return out
+    from .decode import Engine
+
+    if engine is None:
+        engine = Engine(model, vocab_limit=vocab_limit)
+    if not len(ex):
+        return []
+    tokens = max(1, batch_size) * int(ex.src_lens.max())
+    return engine.translate(ex.src, beam=beam, alpha=ev.length_penalty, max_len_a=ev.max_len_a,
+                            max_len_b=ev.max_len_b, max_len_cap=ev.max_len_cap, batch_tokens=tokens,
+                            progress=advance)
 
 
 def bleu_scores(hyps: list, refs: list, tokenizers) -> dict:
@@ -133,7 +119,7 @@ def required_scores(variant) -> tuple:
     d, ev = variant.data, variant.evaluation
     stems = [d.dev, *d.test]
     bleu = set()
-    if variant.model.kind == "encoder-decoder":
+    if variant.model.is_seq2seq:
         bleu = {(d.dev, 1, tok) for tok in ev.bleu_tokenizers}
         bleu |= {(stem, beam, tok) for stem in d.test for beam in ev.beams for tok in ev.bleu_tokenizers}
     return stems, bleu
@@ -250,6 +236,11 @@ def _evaluate_run(run_dir, splits, beams, batch_size, device, data, checkpoint, 
                "evaluation_settings": evaluation_settings(variant),
                "perplexity": {}, "bleu": []}
     translation = variant.model.is_seq2seq
+    engine = None
+    if translation:
+        from .decode import Engine
+
+        engine = Engine(model, vocab_limit=piece_count)
     for role, stem in stems:
         ex = load_examples(prepared, variant, stem, limit)
         if translation:
@@ -277,7 +268,7 @@ def _evaluate_run(run_dir, splits, beams, batch_size, device, data, checkpoint, 
         write_lines(ref_file, refs)
         for beam in ([1] if role == "dev" else beams):
             with Progress(f"{stem} beam {beam}", len(ex), enabled=progress) as bar:
-                ids = translate(model, ex, ev, beam, bs, dev, bar.advance, vocab_limit=piece_count)
+                ids = translate(model, ex, ev, beam, bs, dev, bar.advance, engine=engine)
             hyps = [one_line(prepared.sp.decode(x)) for x in ids]
             hyp_file = run_dir / f"hyp.{stem}.beam{beam}.txt"
             write_lines(hyp_file, hyps)

@@ -10,87 +10,24 @@ Shape legend (suffixes on tensor names, after Shazeer's own convention):
     K  d_k                         V  d_v (or vocabulary, in logits_NV / logits_BTV)
 
 Training runs whole sequences (``forward``); decoding is split into ``encode`` (once per source),
-``start_decoding`` (allocates the caches, computes encoder-decoder K/V once per sentence) and
-``decode_step`` (one token for every row). Nothing advances hidden state as a side effect: the caller
+``start_decoding`` (allocates the cache of :mod:`mqa_repro.decode.cache`, computes encoder-decoder K/V once
+per sentence) and ``decode_step`` (one token for every row): the eager reference path, against which the
+decoding engine (:mod:`mqa_repro.decode`) is tested. Nothing advances hidden state as a side effect: the caller
 owns the position. On the decode path keys and values are never repeated to the query head count: the
 query heads of one group are batched against their shared K/V instead.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .spec import ModelSpec, cache_slots
+from .spec import ModelSpec
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3   # special token ids; data.py trains SentencePiece with the same ids
-
-
-# --------------------------------------------------------------------------------------------------
-# Caches
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class KVCache:
-    """Self-attention keys and values of one decoder layer, preallocated and written in place.
-
-    With ``window`` set the cache is a ring buffer of ``window`` slots: position p lives in slot
-    p % window, so the slots always hold the last ``window`` positions.
-    """
-
-    k_NGTK: torch.Tensor
-    v_NGTV: torch.Tensor
-    window: Optional[int] = None
-
-    @classmethod
-    def empty(cls, n, g, max_len, d_k, d_v, window, device, dtype) -> "KVCache":
-        slots = cache_slots(window, max_len)
-        return cls(torch.zeros(n, g, slots, d_k, device=device, dtype=dtype),
-                   torch.zeros(n, g, slots, d_v, device=device, dtype=dtype), window)
-
-    @property
-    def slots(self) -> int:
-        return self.k_NGTK.shape[2]
-
-    def write(self, k_NG1K, v_NG1V, pos) -> None:
-        """Store the keys/values of position ``pos`` (a Python int or a 1-element device tensor)."""
-        if isinstance(pos, int):
-            if self.window is None and pos >= self.slots:
-                raise IndexError(f"decode position {pos} is beyond the cache of {self.slots} positions")
-            pos = torch.tensor([pos], device=self.k_NGTK.device)
-        slot = pos % self.slots if self.window else pos
-        self.k_NGTK.index_copy_(2, slot.view(1), k_NG1K)
-        self.v_NGTV.index_copy_(2, slot.view(1), v_NG1V)
-
-    def reorder(self, rows_N: torch.Tensor) -> None:
-        """Beam search: row i takes over the history of row rows_N[i]."""
-        self.k_NGTK.copy_(self.k_NGTK.index_select(0, rows_N))
-        self.v_NGTV.copy_(self.v_NGTV.index_select(0, rows_N))
-
-
-@dataclass
-class CrossKV:
-    """Encoder-decoder keys and values of one decoder layer: once per SENTENCE, shared by its beams."""
-
-    k_BGSK: torch.Tensor
-    v_BGSV: torch.Tensor
-
-
-@dataclass
-class DecodeState:
-    """Everything ``decode_step`` needs besides the tokens and the position."""
-
-    self_kv: list              # KVCache per decoder layer, rows N = B * beam
-    cross_kv: Optional[list]   # CrossKV per decoder layer (encoder-decoder only), rows B
-    src_valid_B11S: Optional[torch.Tensor]  # True where the source position is a real token
-    beam: int = 1
-
-    def reorder(self, rows_N: torch.Tensor) -> None:
-        for c in self.self_kv:
-            c.reorder(rows_N)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,51 +68,46 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.g != self.h)
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(b, t, self.h * self.d_v))
 
-    # -- incremental decoding ----------------------------------------------------------------------
-    def new_cache(self, rows: int, max_len: int, device, dtype) -> KVCache:
-        """An empty self-attention cache for ``rows`` rows decoding up to ``max_len`` positions."""
-        return KVCache.empty(rows, self.g, max_len, self.d_k, self.d_v, self.window, device, dtype)
-
+    # -- incremental decoding (the eager reference path; the engine is mqa_repro.decode) ---------------
     def project_kv(self, mem_BSD):
+        """Encoder-decoder keys and values of every source position as one slab [B, S, G, d_k + d_v]."""
         b, s, _ = mem_BSD.shape
-        k = self.k_proj(mem_BSD).view(b, s, self.g, self.d_k).transpose(1, 2).contiguous()
-        v = self.v_proj(mem_BSD).view(b, s, self.g, self.d_v).transpose(1, 2).contiguous()
-        return CrossKV(k, v)
+        k = self.k_proj(mem_BSD).view(b, s, self.g, self.d_k)
+        v = self.v_proj(mem_BSD).view(b, s, self.g, self.d_v)
+        return torch.cat([k, v], -1).contiguous()
 
-    def _attend(self, q_XGQK, k_XGTK, v_XGTV, valid):
+    def _attend(self, q_XGQK, k_XGTK, v_XGTV, valid=None):
         """Grouped attention: the Q query heads of a group share one K/V head. No K/V copies."""
         scores = torch.matmul(q_XGQK, k_XGTK.transpose(-1, -2)).float() * self.scale
-        scores = scores.masked_fill(~valid, float("-inf"))
+        if valid is not None:
+            scores = scores.masked_fill(~valid, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(v_XGTV.dtype)
         return torch.matmul(probs, v_XGTV)
 
-    def decode_self(self, x_N1D, cache: KVCache, pos, kv_len: Optional[int] = None):
-        """One step of causal self-attention; writes this position's K/V into ``cache``.
-
-        ``kv_len`` (a static int >= pos + 1, for graph capture) limits the slots read; default: all.
-        """
+    def decode_self(self, x_N1D, cache, layer: int, pos: int):
+        """One step of causal self-attention at position ``pos``; writes this position's K/V into ``cache``
+        (a :class:`~mqa_repro.decode.cache.DecodeCache`) and reads every live position of each row."""
         n = x_N1D.shape[0]
         qg = self.group_size
         q_NGQK = self.q_proj(x_N1D).view(n, self.g, qg, self.d_k)
-        k_NG1K = self.k_proj(x_N1D).view(n, self.g, 1, self.d_k)
-        v_NG1V = self.v_proj(x_N1D).view(n, self.g, 1, self.d_v)
-        cache.write(k_NG1K, v_NG1V, pos)
-        t = cache.slots if kv_len is None else min(kv_len, cache.slots)
-        slot_T = torch.arange(t, device=x_N1D.device)
-        pos_t = pos if torch.is_tensor(pos) else torch.tensor(pos, device=x_N1D.device)
-        valid_11T = (slot_T <= pos_t.view(())).view(1, 1, t)   # ring buffer: every slot <= pos is live
-        out_NGQV = self._attend(q_NGQK, cache.k_NGTK[:, :, :t], cache.v_NGTV[:, :, :t], valid_11T)
+        k_NGK = self.k_proj(x_N1D).view(n, self.g, self.d_k)
+        v_NGV = self.v_proj(x_N1D).view(n, self.g, self.d_v)
+        cache.write(layer, torch.cat([k_NGK, v_NGV], -1), pos)
+        k_NGTK, v_NGTV = cache.keys_values(layer, pos)
+        out_NGQV = self._attend(q_NGQK, k_NGTK, v_NGTV)
         return self.o_proj(out_NGQV.reshape(n, 1, self.h * self.d_v))
 
-    def decode_cross(self, x_N1D, kv: CrossKV, src_valid_B11S, beam: int):
+    def decode_cross(self, x_N1D, cache, layer: int):
         """Encoder-decoder attention for N = B * beam rows against per-sentence K/V (shared by beams)."""
         n = x_N1D.shape[0]
+        beam = cache.beam
         b = n // beam
         qg = self.group_size
+        k_BGSK, v_BGSV, valid_B11S = cache.cross_keys_values(layer)
         # [B, beam, G, Q, K] -> [B, G, beam*Q, K]: all beams' queries of a group meet the group's K/V once.
         q = self.q_proj(x_N1D).view(b, beam, self.g, qg, self.d_k).permute(0, 2, 1, 3, 4)
         q_BGXK = q.reshape(b, self.g, beam * qg, self.d_k)
-        out_BGXV = self._attend(q_BGXK, kv.k_BGSK, kv.v_BGSV, src_valid_B11S)
+        out_BGXV = self._attend(q_BGXK, k_BGSK, v_BGSV, valid_B11S)
         out = out_BGXV.view(b, self.g, beam, qg, self.d_v).permute(0, 2, 1, 3, 4)
         return self.o_proj(out.reshape(n, 1, self.h * self.d_v))
 
@@ -213,10 +145,10 @@ class Block(nn.Module):
             x = x + self.drop(self.cross_attn(self.cross_norm(x), mem, cross_mask))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
-    def step(self, x_N1D, cache, pos, cross_kv=None, src_valid=None, beam=1, kv_len=None):
-        x_N1D = x_N1D + self.self_attn.decode_self(self.self_norm(x_N1D), cache, pos, kv_len)
+    def step(self, x_N1D, cache, layer: int, pos: int):
+        x_N1D = x_N1D + self.self_attn.decode_self(self.self_norm(x_N1D), cache, layer, pos)
         if self.cross_attn is not None:
-            x_N1D = x_N1D + self.cross_attn.decode_cross(self.cross_norm(x_N1D), cross_kv, src_valid, beam)
+            x_N1D = x_N1D + self.cross_attn.decode_cross(self.cross_norm(x_N1D), cache, layer)
         return x_N1D + self.ffn(self.ffn_norm(x_N1D))
 
 
@@ -334,29 +266,32 @@ class Transformer(nn.Module):
 
     # -- incremental decoding ----------------------------------------------------------------------
     def start_decoding(self, batch: int, max_len: int, beam: int = 1, src_BS=None, memory_BSD=None,
-                       dtype=None) -> DecodeState:
-        """Allocate self-attention caches for batch*beam rows and compute cross K/V once per sentence."""
+                       dtype=None):
+        """The eager reference path (the decoding engine's test oracle): a
+        :class:`~mqa_repro.decode.cache.DecodeCache` for batch*beam rows and ``max_len`` positions, with the
+        encoder-decoder K/V computed once per sentence. Raises ValueError beyond ``max_positions``."""
+        from .decode.cache import DecodeCache
+
         m = self.spec
         p = self.embed.weight
-        dtype = dtype or p.dtype
         if max_len > m.max_positions:
             raise ValueError(f"decode length {max_len} exceeds max_positions {m.max_positions}")
-        caches = [blk.self_attn.new_cache(batch * beam, max_len, p.device, dtype) for blk in self.decoder]
-        cross, valid = None, None
+        cache = DecodeCache(len(self.decoder), batch, beam, m.n_kv_heads, m.d_k, m.d_v, max_len, m.window,
+                            p.device, dtype or p.dtype)
         if self.is_seq2seq:
             if memory_BSD is None:
                 memory_BSD = self.encode(src_BS)
-            cross = [blk.cross_attn.project_kv(memory_BSD) for blk in self.decoder]
-            valid = (src_BS != PAD).view(batch, 1, 1, -1)
-        return DecodeState(caches, cross, valid, beam)
+            cache.set_cross([blk.cross_attn.project_kv(memory_BSD) for blk in self.decoder],
+                            (src_BS != PAD).sum(1))
+        return cache
 
-    def decode_step(self, tokens_N, pos, state: DecodeState, kv_len: Optional[int] = None):
+    def decode_step(self, tokens_N, pos: int, state):
         """Logits [N, vocab] for the next token of every row, given this step's input tokens at ``pos``."""
-        pos_t = pos if torch.is_tensor(pos) else torch.tensor([pos], device=tokens_N.device)
-        x = self.embed(tokens_N)[:, None] * self.emb_scale + self.tgt_pos(pos_t.view(1))[None]
+        pos_t = torch.tensor([pos], device=tokens_N.device)
+        x = self.embed(tokens_N)[:, None] * self.emb_scale + self.tgt_pos(pos_t)[None]
+        state.mark_own(pos)
         for i, blk in enumerate(self.decoder):
-            cross = state.cross_kv[i] if state.cross_kv is not None else None
-            x = blk.step(x, state.self_kv[i], pos, cross, state.src_valid_B11S, state.beam, kv_len)
+            x = blk.step(x, state, i, pos)
         return self.logits(self.dec_norm(x))[:, 0]
 
 

@@ -9,9 +9,8 @@ import sys
 
 import torch
 
-from mqa_repro import fastdecode
 from mqa_repro.bench import build_model, random_tokens
-from mqa_repro.fastdecode import FastDecoder
+from mqa_repro.decode import Engine, tuning_record
 from mqa_repro.spec import load_spec
 
 spec = load_spec("experiments/wmt14_ende.yaml")
@@ -36,18 +35,16 @@ def step_ms(fn, reps=10):
 for vname in ("multi_query", "multi_head"):
     v = spec.variants[vname]
     model = build_model(v, dev, "bf16")
-    fast = FastDecoder(model, tune=tune)
-    cross = fast.encode(random_tokens(B, S, v.model.vocab_size, dev))
-    ch = fast.new_chunk(cross, B, 1, T)
+    run = Engine(model, tune=tune, graphs=False).fixed_run(B, 1, T, random_tokens(B, S, v.model.vocab_size, dev))
     for t in (16, 48, 64, 100):   # tune every live-length bucket the profile touches
-        fast.greedy_step(ch, t)
+        run._step(t)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            fast.greedy_step(ch, AT)
+            run._step(AT)
         torch.cuda.synchronize()
-    print(f"{vname}: greedy step at t={AT}, eager: {step_ms(lambda: fast.greedy_step(ch, AT)):.3f} ms", flush=True)
+    print(f"{vname}: greedy step at t={AT}, eager: {step_ms(lambda: run._step(AT)):.3f} ms", flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=70))
-    del model, fast, cross, ch
+    del model, run
     torch.cuda.empty_cache()
-print(json.dumps(fastdecode.tuning_record(), indent=1))
+print(json.dumps(tuning_record(), indent=1))

@@ -76,7 +76,7 @@ def test_bound_and_utilization():
                                         ("multi_query", 4)])
 def test_fast_decoder_computes_the_models_decode_step(name, split):
     """Every way of computing the residual products (addmm_ into the residual, or 1, 2, 4 K-slices summed
-    into it) gives the model's decode_step."""
+    into it) gives the model's decode_step; the fixed-length protocol decodes what the real-input path does."""
     v = load_spec(EXPERIMENTS / "tiny.yaml").variants[name]
     from mqa_repro.bench import build_model
 
@@ -85,7 +85,8 @@ def test_fast_decoder_computes_the_models_decode_step(name, split):
     r = check_fast_path(v, model, cfg, torch.device("cpu"), beam=3, batch=3, split=split)
     assert r["logits_rel_err_max"] < 1e-5
     assert r["greedy_token_agreement_with_model"] == 1.0
-    assert r["beam3_sentences_equal_reference"] == 1.0
+    assert r["greedy_sentences_equal_real_input_path"] == 1.0
+    assert r["beam3_sentences_equal_real_input_path"] == 1.0
 
 
 def bench(tmp_path, fmt, out=None, *extra):
@@ -150,7 +151,7 @@ def test_peer_hf_without_transformers_says_so(tmp_path):
 def test_peer_hf_compares_only_what_marian_can_be():
     """The peer is a full-attention multi-head Marian model: multi-query and local rows are skipped, saying
     why, before transformers is even needed."""
-    from mqa_repro.bench import hf_peer
+    from mqa_repro.peers import hf_peer
 
     spec = load_spec(EXPERIMENTS / "tiny.yaml")
     cfg = BenchConfig(batch=2, src_len=6, tgt_len=5, beams=[1], repeats=1, dtype="fp32", device="cpu")

@@ -1,5 +1,6 @@
-"""The decoder's Triton kernels against torch: fused residual-add + layer norm, embedding + layer norm,
-argmax, decode attention with tuned launches, and the fast decoder built on them. They run on a GPU, or
+"""The decoder's Triton kernels against torch: fused residual-add + layer norm, embedding + layer norm
+(one position or per-row positions), argmax (PAD, BOS and ids past the vocabulary limit excluded), decode
+attention with tuned launches and per-row lengths, and the engine built on them. They run on a GPU, or
 on the CPU under Triton's interpreter (``TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py``,
 fp32 only); without either they are skipped. The split-K products and the two ways of computing the
 projections are plain torch and are checked everywhere."""
@@ -8,7 +9,9 @@ import os
 import pytest
 import torch
 
-from mqa_repro import fastdecode as fd
+from mqa_repro.decode import kernels as fd
+from mqa_repro.decode import step as step_mod
+from mqa_repro.decode import tuning
 
 from .conftest import EXPERIMENTS
 
@@ -78,7 +81,7 @@ def test_argmax_kernel_matches_torch_including_ties():
 def test_decode_attention_kernel_matches_torch(share, indirect):
     for dt in DTYPES:
         g = torch.Generator().manual_seed(2)
-        # on a GPU enough rows that the launch is tuned (fd.TUNE_MIN_ROWS); the interpreter is slow
+        # on a GPU enough rows that the launch is tuned (tuning.TUNE_MIN_ROWS); the interpreter is slow
         m, h, kv_heads, dk, slots, live = (64 if DEV.type == "cuda" else 3), 4, 2, 16, 40, 37
         n = m * share
         q = torch.randn(n, h, dk, generator=g).to(DEV, dt)
@@ -88,7 +91,7 @@ def test_decode_attention_kernel_matches_torch(share, indirect):
         got = fd.decode_attention(q, kv, live, dk, share, dk ** -0.5, anc, True, use_triton=True)
         torch.testing.assert_close(got.float(), want.float(), atol=TOL[dt] * 2, rtol=TOL[dt] * 2)
         if DEV.type == "cuda":   # the launch was chosen by timing, and the choice is recorded
-            assert any(k.startswith(f"attention rows={n} ") for k in fd.tuning_record())
+            assert any(k.startswith(f"attention rows={n} ") for k in tuning.tuning_record())
 
 
 @needs_triton
@@ -144,7 +147,7 @@ def test_qkv_apart_writes_the_same_cache_and_queries_as_fused():
 
     for name in ("multi_head", "multi_query"):
         model = build_model(load_spec(EXPERIMENTS / "tiny.yaml").variants[name], torch.device("cpu"), "fp32")
-        fast = fd.FastDecoder(model, use_triton=False)
+        fast = step_mod.DecoderStep(model, use_triton=False)
         hn = torch.randn(6, model.spec.d_model, generator=torch.Generator().manual_seed(6))
         w = fast.layers[0].w_qkv
         slots = [torch.full((6, fast.g, fast.c), float("nan")) for _ in range(2)]
@@ -164,14 +167,15 @@ def test_fast_decoder_on_the_kernels_computes_decode_step(split):
 
     v = load_spec(EXPERIMENTS / "tiny.yaml").variants["multi_query"]
     model = build_model(v, DEV, "fp32")
-    assert fd.FastDecoder(model).fused
+    assert step_mod.DecoderStep(model).fused
     cfg = BenchConfig(batch=2, src_len=6, tgt_len=10, beams=[1, 2], repeats=1, dtype="fp32", device=DEV.type)
     r = check_fast_path(v, model, cfg, DEV, beam=2, batch=2, split=split)
     assert r["logits_rel_err_max"] < 1e-4
     assert r["greedy_token_agreement_with_model"] == 1.0
-    assert r["beam2_sentences_equal_reference"] == 1.0
+    assert r["greedy_sentences_equal_real_input_path"] == 1.0 and r["beam2_sentences_equal_real_input_path"] == 1.0
     if DEV.type == "cuda":
         assert r["greedy_graph_equals_eager"] and r["beam2_graph_equals_eager"]
+        assert r["greedy_real_input_graph_equals_eager"] and r["beam2_real_input_graph_equals_eager"]
 
 
 @pytest.mark.skipif(DEV is None or DEV.type != "cuda", reason="tuned choices are made on CUDA only")
@@ -183,13 +187,133 @@ def test_fast_decoder_with_every_tunable_choice_forced(monkeypatch, forced):
     from mqa_repro.bench import BenchConfig, build_model, check_fast_path
     from mqa_repro.spec import load_spec
 
-    monkeypatch.setattr(fd, "TUNE_MIN_ROWS", 1)
-    monkeypatch.setattr(fd, "_chosen", lambda key, default, tune: forced[key[0]])
+    monkeypatch.setattr(tuning, "TUNE_MIN_ROWS", 1)
+    for mod in (fd, step_mod):
+        monkeypatch.setattr(mod, "chosen", lambda key, default, tune: forced[key[0]])
     for name in ("multi_head", "multi_query"):
         v = load_spec(EXPERIMENTS / "tiny.yaml").variants[name]
         model = build_model(v, DEV, "fp32")
         cfg = BenchConfig(batch=2, src_len=6, tgt_len=10, beams=[1, 2], repeats=1, dtype="fp32", device="cuda")
         r = check_fast_path(v, model, cfg, DEV, beam=2, batch=2)
         assert r["logits_rel_err_max"] < 1e-4
-        assert r["greedy_token_agreement_with_model"] == 1.0 and r["beam2_sentences_equal_reference"] == 1.0
+        assert r["greedy_token_agreement_with_model"] == 1.0 and r["beam2_sentences_equal_real_input_path"] == 1.0
         assert r["greedy_graph_equals_eager"] and r["beam2_graph_equals_eager"]
+
+
+@needs_triton
+@pytest.mark.parametrize("share,indirect,time_major", [(1, False, True), (1, True, True), (4, False, False)])
+def test_decode_attention_reads_only_each_rows_own_length(share, indirect, time_major):
+    """Per-row lengths (padded sources; rows at different positions): the kernel equals the torch fallback, and
+    both equal attention over each row's own positions alone; what lies past a row's length (huge keys and
+    values here, which would dominate if read) is never read."""
+    for dt in DTYPES:
+        g = torch.Generator().manual_seed(7)
+        m, h, kv_heads, dk, slots = 3, 4, 2, 16, 40
+        n = m * share
+        lens = torch.tensor([1, 17, 40], dtype=torch.int32)
+        q = torch.randn(n, h, dk, generator=g).to(DEV, dt)
+        rows = n if indirect else m
+        kv = torch.randn(slots, rows, kv_heads, 2 * dk, generator=g)
+        if not indirect:   # garbage past each row's length
+            for r in range(m):
+                kv[int(lens[r]):, r] = 1e4
+        kv = kv.to(DEV, dt)
+        anc = torch.randint(0, n, (slots, n), generator=g, dtype=torch.int32).to(DEV) if indirect else None
+        kv_in = kv if time_major else kv.transpose(0, 1).contiguous()
+        want = fd.decode_attention(q, kv_in, slots, dk, share, dk ** -0.5, anc, time_major, use_triton=False,
+                                   lens_M=lens.to(DEV))
+        got = fd.decode_attention(q, kv_in, slots, dk, share, dk ** -0.5, anc, time_major, use_triton=True,
+                                  lens_M=lens.to(DEV))
+        torch.testing.assert_close(got.float(), want.float(), atol=TOL[dt] * 2, rtol=TOL[dt] * 2)
+        for r in range(m):   # each row alone at its own static length
+            sl = slice(r * share, (r + 1) * share)
+            L = int(lens[r])
+            one = fd.decode_attention(q[sl], (kv_in[:, r: r + 1] if time_major else kv_in[r: r + 1]) if not indirect
+                                      else kv_in, L, dk, share, dk ** -0.5,
+                                      anc[:, sl] if indirect else None, time_major, use_triton=False)
+            torch.testing.assert_close(want[sl].float(), one.float(), atol=TOL[dt] * 2, rtol=TOL[dt] * 2)
+
+
+@needs_triton
+def test_embed_layernorm_per_row_positions_and_argmax_limits():
+    for dt in DTYPES:
+        g = torch.Generator().manual_seed(8)
+        vocab, d = 50, 96
+        emb = torch.randn(vocab, d, generator=g).to(DEV, dt)
+        pos = torch.randn(7, d, generator=g).to(DEV, dt)
+        tok = torch.tensor([0, 49, 3, 3, 17], device=DEV)
+        at = torch.tensor([0, 6, 2, 2, 5], device=DEV)
+        norm = torch.nn.LayerNorm(d).to(DEV, dt)
+        with torch.no_grad():
+            x, h = fd.embed_layernorm(tok, emb, pos, 9.8, norm, pos_N=at)
+            want_x = torch.add(pos[at], emb[tok], alpha=9.8)
+        torch.testing.assert_close(x.float(), want_x.float(), atol=TOL[dt] * 10, rtol=TOL[dt])
+        torch.testing.assert_close(h.float(), norm(want_x).float(), atol=TOL[dt] * 4, rtol=TOL[dt] * 4)
+        logits = torch.randn(4, 64, generator=g).to(DEV, dt)
+        logits[0, 0] = logits[1, 2] = logits[2, 60] = 100.0    # PAD, BOS, past the limit of 50
+        a, b = torch.empty(4, dtype=torch.long, device=DEV), torch.empty(4, dtype=torch.long, device=DEV)
+        fd.argmax_into(logits, a, b, limit=50)
+        want = fd.forbid_specials(logits.clone(), 50).argmax(-1)
+        assert torch.equal(a, want) and torch.equal(b, want) and int(a.max()) < 50
+        assert not ({int(a[0]), int(a[1])} & {0, 2})
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU only (the lead runs these on an H200): CUDA graphs of real, padded input
+# --------------------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or fd.triton is None, reason="needs a GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["multi_head", "multi_query", "multi_query_local", "gqa2"])
+def test_cuda_graphs_translate_what_eager_translates(name):
+    """Padded batches of different source lengths, bucketed rows and lengths, EOS per row, early stop: the
+    engine's CUDA graphs (one per shape) decode exactly what the same engine decodes eagerly, greedy and
+    beam 4, and the shapes captured stay few."""
+    from mqa_repro.bench import build_model
+    from mqa_repro.decode import Engine
+    from mqa_repro.spec import load_spec
+
+    v = load_spec(EXPERIMENTS / "tiny.yaml").variants[name]
+    model = build_model(v, torch.device("cuda"), "fp32")
+    g = torch.Generator().manual_seed(9)
+    srcs = [torch.randint(4, 1000, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (37,), generator=g)]
+    eager, graphs = Engine(model, graphs=False), Engine(model, graphs=True)
+    assert graphs.graphs
+    for beam in (1, 4):
+        for forced in (None, [1 + i % 30 for i in range(len(srcs))]):
+            want = eager.translate(srcs, beam=beam, batch_tokens=300, forced_lengths=forced)
+            got = graphs.translate(srcs, beam=beam, batch_tokens=300, forced_lengths=forced)
+            assert got == want, (beam, forced is not None)
+    assert len(graphs._work) <= 8
+
+
+@needs_cuda
+def test_cuda_graphs_generate_what_eager_generates():
+    from mqa_repro.bench import build_model
+    from mqa_repro.decode import Engine
+    from mqa_repro.spec import load_spec
+
+    v = load_spec(EXPERIMENTS / "tiny.yaml").variants["multi_query_local"]
+    v = v.__class__.from_dict({**v.to_dict(), "model": {**v.to_dict()["model"], "kind": "decoder-only",
+                                                         "encoder_layers": 0}})
+    model = build_model(v, torch.device("cuda"), "fp32")
+    g = torch.Generator().manual_seed(10)
+    prompts = [torch.randint(4, 1000, (int(n),), generator=g).tolist() for n in torch.randint(0, 30, (19,), generator=g)]
+    for beam in (1, 4):
+        want = Engine(model, graphs=False).generate(prompts, beam=beam, max_new_tokens=20)
+        assert Engine(model, graphs=True).generate(prompts, beam=beam, max_new_tokens=20) == want
+
+
+@needs_cuda
+def test_kernels_at_bucketed_padded_lengths_in_bf16():
+    """The shapes graphs use: rows and lengths rounded up to buckets, per-row lengths far below the bucket."""
+    g = torch.Generator().manual_seed(11)
+    for n, slots in ((8, 16), (64, 128), (256, 320)):
+        q = torch.randn(n, 8, 128, generator=g).to("cuda", torch.bfloat16)
+        kv = torch.randn(slots, n, 1, 256, generator=g).to("cuda", torch.bfloat16)
+        lens = torch.randint(1, slots + 1, (n,), generator=g, dtype=torch.int32).cuda()
+        want = fd.decode_attention(q, kv, slots, 128, 1, 128 ** -0.5, None, True, use_triton=False, lens_M=lens)
+        got = fd.decode_attention(q, kv, slots, 128, 1, 128 ** -0.5, None, True, use_triton=True, tune=True,
+                                  lens_M=lens)
+        torch.testing.assert_close(got.float(), want.float(), atol=4e-2, rtol=4e-2)

@@ -4,9 +4,11 @@ import dataclasses
 import pytest
 import torch
 
-from mqa_repro.decode import beam_search, forbid_specials, greedy, max_lengths
+from mqa_repro.decode import forbid_specials, max_lengths
 from mqa_repro.model import BOS, EOS, PAD, Attention, Transformer, self_mask
 from mqa_repro.spec import ModelSpec
+
+from .oracle import beam_search, greedy
 
 ROWS = {  # every kind of row of the tables, at toy size
     "multi_head": dict(n_heads=4, n_kv_heads=4, d_k=8, d_v=8),
@@ -19,6 +21,13 @@ ROWS = {  # every kind of row of the tables, at toy size
     "multi_query_local": dict(n_heads=4, n_kv_heads=1, d_k=8, d_v=8, window=3),
 }
 KINDS = ["encoder-decoder", "decoder-only"]
+
+
+def limits_for(src, batch=4):
+    """min(30, 1.5 * source length + 3) per sentence (30 without a source)."""
+    if src is None:
+        return torch.full((batch,), 30, dtype=torch.long)
+    return max_lengths((src != PAD).sum(1), 1.5, 3, 30)
 
 
 def make(row, kind="encoder-decoder", seed=0):
@@ -69,7 +78,7 @@ def test_cached_decoding_equals_recomputing_the_prefix(row, kind):
 def test_greedy_search_equals_uncached_greedy(row):
     m = make(row)
     src = source()
-    limits = max_lengths(src, 4, 1.5, 3, 30, "cpu")
+    limits = limits_for(src)
     out, lengths = greedy(m, src, max_len_B=limits)
     for i in range(4):  # one sentence at a time, recomputing everything each step
         toks = torch.tensor([[BOS]])
@@ -89,7 +98,7 @@ def test_greedy_search_equals_uncached_greedy(row):
 def test_beam_size_one_is_greedy(row, kind):
     m = make(row, kind)
     src = source() if kind == "encoder-decoder" else None
-    limits = max_lengths(src, 4, 1.5, 3, 30, "cpu")
+    limits = limits_for(src)
     g, gl = greedy(m, src, batch=4, max_len_B=limits)
     b, bl, _ = beam_search(m, src, batch=4, beam=1, max_len_B=limits)
     assert torch.equal(gl, bl) and torch.equal(g, b)
@@ -108,7 +117,7 @@ def test_beam_search_scores_are_the_model_scores(row):
     and no worse than greedy's under the same normalisation."""
     m = make(row)
     src = source()
-    limits = max_lengths(src, 4, 1.5, 3, 30, "cpu")
+    limits = limits_for(src)
     toks, lengths, scores = beam_search(m, src, beam=4, alpha=0.6, max_len_B=limits)
     g, gl = greedy(m, src, max_len_B=limits)
     for i in range(4):
@@ -136,7 +145,7 @@ def test_padded_vocabulary_rows_are_never_generated(kind):
 
     m.decode_step = padding_wins
     src = source() if kind == "encoder-decoder" else None
-    limits = max_lengths(src, 4, 1.5, 3, 30, "cpu")
+    limits = limits_for(src)
     g, gl = greedy(m, src, batch=4, max_len_B=limits)
     b, bl, _ = beam_search(m, src, batch=4, beam=4, max_len_B=limits)
     assert int(g.max()) < 60 and int(b.max()) < 60 and int(gl.min()) > 0
@@ -146,14 +155,15 @@ def test_beams_share_the_encoder_decoder_cache():
     m = make("multi_query")
     src = source()
     state = m.start_decoding(4, 10, beam=4, src_BS=src)
-    assert state.cross_kv[0].k_BGSK.shape[0] == 4          # one per sentence, not per beam
-    assert state.self_kv[0].k_NGTK.shape[:2] == (16, 1)   # [batch * beam, n_kv_heads]
+    assert state.cross_BSGC[0].shape[0] == 4              # one per sentence, not per beam
+    assert state.self_TNGC[0].shape[1:3] == (16, 1)       # [slots, batch * beam, n_kv_heads, d_k + d_v]
+    assert state.src_len_B.tolist() == (src != PAD).sum(1).tolist()
 
 
 def test_local_cache_is_a_ring_buffer_of_window_slots():
     m = make("local", "decoder-only")
     state = m.start_decoding(2, 30)
-    assert state.self_kv[0].k_NGTK.shape[2] == 3
+    assert state.slots == 3 and state.self_TNGC[0].shape[0] == 3
 
 
 def test_cache_refuses_positions_beyond_its_length():

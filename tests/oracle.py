@@ -1,75 +1,55 @@
-"""Greedy and beam search over a model's ``decode_step``.
-
-Search knows nothing about attention: it takes the model, a :class:`~mqa_repro.model.DecodeState` and
-the EOS id, owns the step position, and reorders the cache through the state's one ``reorder`` method.
+"""The test oracle of the decoding engine: greedy and beam search over the eager reference path
+(``Transformer.decode_step``), written independently of :mod:`mqa_repro.decode` (the search rules of the
+former ``decode.py``, which produced every BLEU before the engine).
 
 Beam search follows fairseq's rule, which makes beam size 1 exactly greedy search: each step takes the
 2k best continuations of every sentence; an EOS continuation is finished only if it ranks among the
 first k; the first k non-EOS continuations stay alive; a sentence is done once it has k finished
 hypotheses (or reaches its length limit, which finishes what is alive). Finished hypotheses are ranked
 by log-probability / ((5 + length) / 6) ** alpha.
+
+Decoder-only prompts (``prompt``, batch 1): the prompt is fed after BOS, then the search continues it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from .model import BOS, EOS, PAD, Transformer
-
-
-def forbid_specials(logits_NV, vocab_size: Optional[int] = None):
-    """PAD and BOS are never generated (they are not targets); UNK stays possible. Nor are the rows that pad
-    the vocabulary to a multiple of ``vocab_multiple`` (ids >= ``vocab_size``): training never targets them,
-    so their logits are untrained, and the SentencePiece model has no piece for them."""
-    logits_NV[:, PAD] = float("-inf")
-    logits_NV[:, BOS] = float("-inf")
-    if vocab_size is not None:
-        logits_NV[:, vocab_size:] = float("-inf")
-    return logits_NV
-
-
-def _limit(model: Transformer, vocab_limit: Optional[int]) -> int:
-    """The first id that may not be generated: model.vocab_size, or the tokenizer's piece count if lower."""
-    v = model.spec.vocab_size
-    return v if vocab_limit is None else min(v, int(vocab_limit))
+from mqa_repro.decode import forbid_specials
+from mqa_repro.model import BOS, EOS, PAD, Transformer
 
 
 def length_penalty(length, alpha: float):
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def max_lengths(src_BS: Optional[torch.Tensor], batch: int, a: float, b: int, cap: int, device) -> torch.Tensor:
-    """Per-sentence decode limit min(cap, a * source length + b) (cap alone without a source)."""
-    if src_BS is None:
-        return torch.full((batch,), cap, dtype=torch.long, device=device)
-    src_len = (src_BS != PAD).sum(1).float()
-    return torch.clamp((a * src_len + b).floor().long(), max=cap, min=1)
+def _prefill(model, state, prompt, rows):
+    """Feed BOS + prompt[:-1] (positions 0 .. P-1); returns (first input token [rows], its position)."""
+    ids = [BOS] + [int(x) for x in (prompt if prompt is not None else [])]
+    for pos, tok in enumerate(ids[:-1]):
+        model.decode_step(torch.full((rows,), tok, dtype=torch.long), pos, state)
+    return torch.full((rows,), ids[-1], dtype=torch.long), len(ids) - 1
 
 
 @torch.no_grad()
-def greedy(model: Transformer, src_BS=None, batch=None, max_len_B=None, max_len=256, prefix_BP=None,
-           vocab_limit: Optional[int] = None):
-    """Greedy decoding, batched; each row stops at EOS or its own limit. Returns (tokens, lengths).
-
-    ``vocab_limit``: ids from here up are never generated; pass the SentencePiece model's piece count
-    (``Prepared.piece_count``), which is below model.vocab_size when the corpus was too small for it.
-
-    ``tokens`` [B, L] holds the generated ids (EOS included when produced, PAD after it).
-    ``prefix_BP`` (decoder-only models) forces the first tokens after BOS.
-    """
+def greedy(model: Transformer, src_BS=None, batch=None, max_len_B=None, max_len=256, prompt=None,
+           vocab_limit=None):
+    """Greedy decoding, batched; each row stops at EOS or its own limit. Returns (tokens, lengths):
+    ``tokens`` [B, L] holds the generated ids (EOS included when produced, PAD after it)."""
     device = model.embed.weight.device
+    vocab_limit = vocab_limit or model.spec.vocab_size
     batch = src_BS.shape[0] if src_BS is not None else batch
     if max_len_B is None:
         max_len_B = torch.full((batch,), max_len, dtype=torch.long, device=device)
     steps = int(max_len_B.max())
-    state = model.start_decoding(batch, steps, src_BS=src_BS)
+    start = len(prompt) if prompt is not None else 0
+    state = model.start_decoding(batch, start + steps, src_BS=src_BS)
+    tok, pos0 = _prefill(model, state, prompt, batch)
     out = torch.full((batch, steps), PAD, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tok = torch.full((batch,), BOS, dtype=torch.long, device=device)
     for t in range(steps):
-        tok = forbid_specials(model.decode_step(tok, t, state), _limit(model, vocab_limit)).argmax(-1)
+        tok = forbid_specials(model.decode_step(tok, pos0 + t, state), vocab_limit).argmax(-1)
         tok = torch.where(done, torch.full_like(tok, PAD), tok)
         out[:, t] = tok
         done |= (tok == EOS) | (t + 1 >= max_len_B)
@@ -91,17 +71,18 @@ class BeamState:
 
 @torch.no_grad()
 def beam_search(model: Transformer, src_BS=None, batch=None, beam=4, alpha=0.6, max_len_B=None,
-                max_len=256, vocab_limit: Optional[int] = None):
-    """Beam search; returns (tokens [B, L], lengths [B], scores [B]) of the best finished hypothesis.
-
-    ``vocab_limit`` as in :func:`greedy`: ids from here up (no SentencePiece piece) are never generated."""
+                max_len=256, prompt=None, vocab_limit=None):
+    """Beam search; returns (tokens [B, L], lengths [B], scores [B]) of the best finished hypothesis."""
     device = model.embed.weight.device
+    vocab_limit = vocab_limit or model.spec.vocab_size
     batch = src_BS.shape[0] if src_BS is not None else batch
     k = beam
     if max_len_B is None:
         max_len_B = torch.full((batch,), max_len, dtype=torch.long, device=device)
     steps = int(max_len_B.max())
-    state = model.start_decoding(batch, steps, beam=k, src_BS=src_BS)
+    start = len(prompt) if prompt is not None else 0
+    state = model.start_decoding(batch, start + steps, beam=k, src_BS=src_BS)
+    tok_N, pos0 = _prefill(model, state, prompt, batch * k)
     neg_inf = float("-inf")
     s = BeamState(
         alive_tokens_BKL=torch.full((batch, k, steps), PAD, dtype=torch.long, device=device),
@@ -112,11 +93,10 @@ def beam_search(model: Transformer, src_BS=None, batch=None, beam=4, alpha=0.6, 
         fin_count_B=torch.zeros(batch, dtype=torch.long, device=device),
         done_B=torch.zeros(batch, dtype=torch.bool, device=device),
     )
-    tok_N = torch.full((batch * k,), BOS, dtype=torch.long, device=device)
     base_B1 = (torch.arange(batch, device=device) * k)[:, None]
     for t in range(steps):
-        logits_NV = model.decode_step(tok_N, t, state).float()
-        logp = torch.log_softmax(forbid_specials(logits_NV, _limit(model, vocab_limit)), -1)
+        logits_NV = model.decode_step(tok_N, pos0 + t, state).float()
+        logp = torch.log_softmax(forbid_specials(logits_NV, vocab_limit), -1)
         vocab = logp.shape[-1]
         cand = (s.alive_scores_BK[..., None] + logp.view(batch, k, vocab)).view(batch, k * vocab)
         top_scores, top_idx = cand.topk(2 * k, dim=-1)                     # [B, 2k]
@@ -165,3 +145,14 @@ def _collect_finished(s: BeamState, finish_BC, parent_BC, token_BC, scores_BC, t
     s.fin_scores_BK = all_scores.gather(1, keep)
     s.fin_tokens_BKL = all_tokens.gather(1, keep[..., None].expand(-1, -1, steps))
     s.fin_count_B = s.fin_count_B + finish_BC.sum(1)
+
+
+def strip(tokens_BL, lengths_B) -> list:
+    """Per row: the generated ids without the EOS (the engine's output form)."""
+    out = []
+    for row, n in zip(tokens_BL.tolist(), lengths_B.tolist()):
+        ids = row[:n]
+        if ids and ids[-1] == EOS:
+            ids = ids[:-1]
+        out.append(ids)
+    return out

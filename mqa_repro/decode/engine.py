@@ -1,0 +1,413 @@
+"""The decoding engine: translation (encoder-decoder) and continuation (decoder-only) of real input, and the
+fixed-length protocol of the paper's Table 2, all through one decoder step (:mod:`.step`), one cache
+(:mod:`.cache`) and one search (:mod:`.search`).
+
+Real input (:meth:`Engine.translate`, :meth:`Engine.generate`):
+
+* sentences are sorted by length and cut into batches of at most ``batch_tokens`` padded source (prompt)
+  tokens; each batch is decoded with per-row lengths (padding masked in the encoder, never read by
+  encoder-decoder attention), EOS per row, and a per-sentence limit min(cap, a * source length + b, positions
+  left) (the spec's ``evaluation`` section); results come back in input order;
+* a batch stops once every row is done, checked every ``CHECK_EVERY`` steps (one host synchronisation);
+* on a GPU one step (decoder + search) is a CUDA graph, captured once per shape: rows, source length and
+  decode length are rounded up to a few buckets (:func:`bucket`), so few shapes are captured; padding rows
+  are empty sentences that finish at once;
+* decoder-only prompts of different lengths: prefill (every prompt position through the same step, rows
+  that are through re-writing their last position) then decode; row r continues at its own position.
+
+Fixed length (:meth:`Engine.fixed_run`, decode-bench's Table 2): every row decodes exactly ``steps`` tokens,
+EOS ignored, full-length sources; one CUDA graph per step position with the live length static.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..model import BOS, EOS, PAD, Transformer
+from .cache import DecodeCache
+from .kernels import triton
+from .search import Beam, Greedy, max_lengths
+from .step import DecoderStep
+
+CHECK_EVERY = 8          # steps between "is every row done?" checks (each one host synchronisation)
+MAX_WORKSPACES = 8       # captured shapes kept per engine (each holds its cache and graph)
+
+
+def bucket(x: int, minimum: int = 8) -> int:
+    """Round a row count or a length up to a power of two (at least ``minimum``), or to a multiple of 64 above
+    256: few shapes to capture, at most 2x (1.25x above 256) padding."""
+    if x <= 256:
+        return max(minimum, 1 << max(0, math.ceil(math.log2(max(1, x)))))
+    return -(-x // 64) * 64
+
+
+@dataclass
+class _Work:
+    """Everything one batch shape's step reads and writes (kept alive for its CUDA graph)."""
+
+    cache: DecodeCache
+    search: object                    # Greedy or Beam
+    offset_N: torch.Tensor            # position of each row's first decoded step
+    t_1: torch.Tensor                 # the step, [1] int64 on the device
+    pos_max: int                      # the last position the cache and the position table hold
+    graph: Optional[object] = None    # torch.cuda.CUDAGraph of one step
+
+
+class Engine:
+    """Greedy and beam search with a model; see the module docstring."""
+
+    def __init__(self, model: Transformer, *, vocab_limit: Optional[int] = None, use_triton: Optional[bool] = None,
+                 graphs: Optional[bool] = None, tune: bool = False, split: Optional[int] = None):
+        """``model``: a Transformer in eval mode on its device and dtype. ``vocab_limit``: ids >= it are never
+        emitted (default ``model.spec.vocab_size``; pass the tokenizer's piece count). ``use_triton``: the
+        Triton kernels where they can run (None: yes). ``graphs``: CUDA graphs (None: on a GPU). ``tune``: time
+        kernel launches and product variants on the device at first use. ``split``: force how residual
+        products are computed (see :data:`~mqa_repro.decode.kernels.SPLIT_CANDIDATES`).
+        Raises ValueError for a vocabulary limit outside the model's vocabulary."""
+        self.model = model
+        m = self.spec = model.spec
+        self.device = model.embed.weight.device
+        self.step = DecoderStep(model, use_triton=use_triton is not False and triton is not None, split=split,
+                                tune=tune)
+        self.graphs = (self.device.type == "cuda") if graphs is None else bool(graphs and self.device.type == "cuda")
+        self.vocab_limit = m.vocab_size if vocab_limit is None else int(vocab_limit)
+        if not 4 < self.vocab_limit <= m.padded_vocab:
+            raise ValueError(f"vocab_limit {self.vocab_limit} is outside the model's vocabulary (5 .. {m.padded_vocab})")
+        self.encode_seconds = 0.0     # accumulated when ``timing`` is set (synchronising at batch boundaries)
+        self.decode_seconds = 0.0
+        self.timing = False
+        self.steps_run = 0            # decoder steps run (all batches), for the benchmark
+        self._work: dict = {}
+
+    # -- public API ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def translate(self, sources: Sequence, *, beam: int = 1, alpha: float = 0.6, max_len_a: float = 1.5,
+                  max_len_b: float = 10, max_len_cap: int = 256, batch_tokens: int = 8192,
+                  forced_lengths: Optional[Sequence[int]] = None,
+                  progress: Optional[Callable[[int], None]] = None) -> list:
+        """Target ids (without EOS) of every source, in input order.
+
+        ``sources``: 1-D int sequences, ids without BOS/EOS (the encoder sees ids + EOS). The limit of sentence i
+        is min(max_len_cap, max_positions, floor(max_len_a * (len_i + 1) + max_len_b)), at least 1.
+        ``forced_lengths``: instead, sentence i decodes exactly forced_lengths[i] tokens, EOS ignored (the
+        benchmark's real length distribution with random weights). ``progress(n)`` is called after each batch
+        with its number of sentences. Raises UserError for a decoder-only model, a source longer than the
+        model's positions, or a bad forced length."""
+        m = self.spec
+        if m.kind != "encoder-decoder":
+            raise UserError("translate needs an encoder-decoder model; use generate for a decoder-only model")
+        srcs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in sources]
+        lens = np.array([len(s) + 1 for s in srcs], dtype=np.int64)
+        for i, n in enumerate(lens):
+            if n > m.max_positions:
+                raise UserError(f"source sentence {i} has {n} tokens with its EOS, more than the model's "
+                                f"max_positions ({m.max_positions}); truncate it first")
+        cap = min(max_len_cap, m.max_positions)
+        if forced_lengths is not None:
+            limits = np.asarray(forced_lengths, dtype=np.int64)
+            if len(limits) != len(srcs) or (len(limits) and (limits.min() < 1 or limits.max() > m.max_positions)):
+                raise UserError(f"forced_lengths needs one length in 1 .. {m.max_positions} per source")
+        else:
+            limits = max_lengths(torch.from_numpy(lens), max_len_a, max_len_b, cap).numpy()
+        out = [None] * len(srcs)
+        for idx in self._batches(lens, batch_tokens):
+            ids = self._decode_batch([srcs[i] for i in idx], lens[idx], limits[idx], beam, alpha,
+                                     eos=forced_lengths is None, seq2seq=True)
+            for i, x in zip(idx, ids):
+                out[int(i)] = x
+            if progress is not None:
+                progress(len(idx))
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence, *, beam: int = 1, alpha: float = 0.6, max_new_tokens: int = 64,
+                 batch_tokens: int = 8192, forced_lengths: Optional[Sequence[int]] = None,
+                 progress: Optional[Callable[[int], None]] = None) -> list:
+        """Continuations (ids without the prompt and without EOS) of every prompt, in input order.
+
+        Decoder-only models: the model reads BOS + prompt and continues for at most ``max_new_tokens`` tokens
+        (fewer where the model's positions run out). ``forced_lengths``: prompt i is continued by exactly
+        forced_lengths[i] tokens, EOS ignored. Raises UserError for an encoder-decoder model, a prompt that
+        leaves no position to generate into, or a forced length beyond the positions left."""
+        m = self.spec
+        if m.is_seq2seq:
+            raise UserError("generate needs a decoder-only model; use translate for an encoder-decoder model")
+        ps = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+        lens = np.array([len(p) + 1 for p in ps], dtype=np.int64)     # BOS + prompt
+        for i, n in enumerate(lens):
+            if n > m.max_positions:
+                raise UserError(f"prompt {i} has {n} tokens with BOS, which fills the model's max_positions "
+                                f"({m.max_positions}) and leaves nothing to generate; shorten it")
+        room = m.max_positions - lens + 1
+        if forced_lengths is not None:
+            limits = np.asarray(forced_lengths, dtype=np.int64)
+            if len(limits) != len(ps) or (len(limits) and (limits.min() < 1 or (limits > room).any())):
+                raise UserError("forced_lengths needs one length per prompt, at least 1 and within the model's "
+                                "positions left after the prompt")
+        else:
+            if max_new_tokens < 1:
+                raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+            limits = np.minimum(max_new_tokens, room).astype(np.int64)
+        out = [None] * len(ps)
+        for idx in self._batches(lens, batch_tokens):
+            ids = self._decode_batch([ps[i] for i in idx], lens[idx], limits[idx], beam, alpha,
+                                     eos=forced_lengths is None, seq2seq=False)
+            for i, x in zip(idx, ids):
+                out[int(i)] = x
+            if progress is not None:
+                progress(len(idx))
+        return out
+
+    def fixed_run(self, batch: int, beam: int, steps: int, src_BS: Optional[torch.Tensor] = None) -> "FixedRun":
+        """The paper's timing protocol: ``steps`` tokens for every row, EOS ignored, full-length sources
+        ``src_BS`` [batch, S] (encoder-decoder) or none (decoder-only)."""
+        return FixedRun(self, batch, beam, steps, src_BS)
+
+    def describe(self) -> dict:
+        """How the step is computed (recorded beside every decode-bench time)."""
+        return {"cuda_graphs": self.graphs, **self.step.describe()}
+
+    # -- batching ----------------------------------------------------------------------------------
+    @staticmethod
+    def _batches(lens: np.ndarray, batch_tokens: int) -> list:
+        """Index arrays of sentences sorted by length, each batch at most ``batch_tokens`` padded tokens
+        (at least one sentence)."""
+        order = np.argsort(lens, kind="stable")
+        out, cur, width = [], [], 0
+        for i in order:
+            w = max(width, int(lens[i]))
+            if cur and (len(cur) + 1) * w > batch_tokens:
+                out.append(np.array(cur))
+                cur, w = [], int(lens[i])
+            cur.append(int(i))
+            width = w
+        if cur:
+            out.append(np.array(cur))
+        return out
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _decode_batch(self, seqs: list, lens: np.ndarray, limits: np.ndarray, beam: int, alpha: float, eos: bool,
+                      seq2seq: bool) -> list:
+        """Decode one batch (sources or prompts ``seqs`` of ``lens`` tokens with EOS or BOS); ids per row."""
+        dev, b = self.device, len(seqs)
+        g = self.graphs
+        rows = bucket(b, 1) if g else b
+        width = bucket(int(lens.max())) if g else int(lens.max())
+        steps = int(limits.max())
+        steps = bucket(steps) if g else steps
+        lens_b = np.ones(rows, dtype=np.int64)
+        lens_b[:b] = lens
+        lim_b = np.ones(rows, dtype=np.int64)      # padding rows: one token, then done
+        lim_b[:b] = limits
+        ids = np.full((rows, width), PAD, dtype=np.int64)
+        if seq2seq:
+            ids[:, 0] = EOS
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = s
+                ids[r, len(s)] = EOS
+        else:
+            ids[:, 0] = BOS
+            for r, s in enumerate(seqs):
+                ids[r, 1: 1 + len(s)] = s
+        ids_t = torch.from_numpy(ids).to(dev)
+        lens_t = torch.from_numpy(lens_b).to(dev)
+        if self.timing:
+            self._sync()
+        t0 = time.perf_counter()
+        offset = torch.zeros(rows, dtype=torch.long, device=dev) if seq2seq else lens_t - 1
+        length = steps if seq2seq else int(lens_b.max()) - 1 + steps
+        key = (rows, beam, width if seq2seq else 0, length, steps, eos, alpha)
+        w = self._workspace(key, rows, beam, steps, length, width if seq2seq else 0, alpha, eos)
+        if seq2seq:
+            cross = self.step.encode(ids_t, lens_t)
+            if g:   # the graph reads the workspace's buffers
+                for buf, x in zip(w.cache.cross_BSGC, cross):
+                    buf.copy_(x)
+                w.cache.src_len_B.copy_(lens_t)
+            else:
+                w.cache.set_cross(cross, lens_t)
+            first = torch.full((rows,), BOS, dtype=torch.long, device=dev)
+        else:
+            first = ids_t.gather(1, (lens_t - 1)[:, None]).view(-1)
+        if self.timing:
+            self._sync()
+            self.encode_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+        k = beam
+        lim_t = torch.from_numpy(lim_b).to(dev)
+        w.offset_N.copy_(offset.repeat_interleave(k))
+        w.t_1.zero_()
+        if isinstance(w.search, Beam):
+            w.search.limit_B.copy_(lim_t)
+        else:
+            w.search.limit_N.copy_(lim_t)
+        w.search.reset(first.repeat_interleave(k))
+        if w.cache.anc is not None:
+            w.cache.anc[0].copy_(w.cache.arange_N.expand_as(w.cache.anc[0]))
+        if g and w.graph is None:   # before the prefill: the warm-up writes K/V the prefill then rewrites
+            w.graph = self._capture(w)
+        if not seq2seq:
+            self._prefill(w, ids_t.repeat_interleave(k, 0), lens_t.repeat_interleave(k))
+        done_at = int(limits.max())
+        t = 0
+        while t < done_at:
+            for _ in range(min(CHECK_EVERY, done_at - t)):
+                if w.graph is not None:
+                    w.graph.replay()
+                else:
+                    self._dynamic_step(w)
+                t += 1
+            if bool(w.search.done[: b if isinstance(w.search, Beam) else b * k].all()):
+                break
+        self.steps_run += t
+        out = w.search.results(b)
+        if self.timing:
+            self._sync()
+            self.decode_seconds += time.perf_counter() - t0
+        return out
+
+    def _workspace(self, key, rows, beam, steps, length, src_width, alpha, eos) -> _Work:
+        if key in self._work:
+            return self._work[key]
+        m, dev, dt = self.spec, self.device, self.model.embed.weight.dtype
+        cache = DecodeCache(len(self.model.decoder), rows, beam, m.n_kv_heads, m.d_k, m.d_v, length, m.window, dev,
+                            dt)
+        if src_width:
+            cache.set_cross([torch.zeros(rows, src_width, m.n_kv_heads, m.d_k + m.d_v, device=dev, dtype=dt)
+                             for _ in self.model.decoder], torch.ones(rows, dtype=torch.int32, device=dev))
+        lim = torch.ones(rows, dtype=torch.long, device=dev)
+        if beam == 1:
+            search = Greedy(rows, steps, dev, limit_N=lim, eos=eos, vocab_limit=self.vocab_limit,
+                            tune=self.step.fused and self.step.tune)
+        else:
+            search = Beam(rows, beam, steps, dev, alpha=alpha, limit_B=lim, eos=eos, vocab_limit=self.vocab_limit)
+        w = _Work(cache, search, torch.zeros(rows * beam, dtype=torch.long, device=dev),
+                  torch.zeros(1, dtype=torch.long, device=dev), min(length, m.max_positions) - 1)
+        if self.graphs:
+            while len(self._work) >= MAX_WORKSPACES:
+                self._work.pop(next(iter(self._work)))
+            self._work[key] = w
+        return w
+
+    def _dynamic_step(self, w: _Work) -> None:
+        """One step of every row at its own position offset + t (device tensors only: graph-capturable)."""
+        pos_N = torch.clamp(w.offset_N + w.t_1, max=w.pos_max)   # rows done early stop advancing at the end
+        s = w.search
+        if w.cache.anc is not None:
+            w.cache.follow(s.parent_N)
+            w.cache.mark_own(pos_N)
+        s.step(self.step.logits(w.cache, s.tok_N, pos_N=pos_N), w.t_1)
+        w.t_1 += 1
+
+    def _prefill(self, w: _Work, ids_NP: torch.Tensor, lens_N: torch.Tensor) -> None:
+        """Decoder-only: K/V of positions 0 .. len - 2 of every prompt (BOS + prompt; the last input token is the
+        first decoded step's). Row n at prefill step j writes position min(j, len_n - 2): rows through their
+        prompt re-write their last prefill position with the same token, which changes nothing."""
+        last = torch.clamp(lens_N - 2, min=0)
+        for j in range(int(lens_N.max()) - 1):
+            pos_N = torch.clamp(last, max=j)
+            if w.cache.anc is not None:
+                w.cache.mark_own(pos_N)
+            self.step.hidden(w.cache, ids_NP.gather(1, pos_N[:, None]).view(-1), pos_N=pos_N)
+
+    def _capture(self, w: _Work):
+        """One CUDA graph of :meth:`_dynamic_step` on ``w``'s tensors; the warm-up (kernel compilation, tuning)
+        runs on a copy of the state, which is then restored."""
+        saved = {k: v.clone() for k, v in vars(w.search).items() if torch.is_tensor(v)}
+        anc = [a.clone() for a in w.cache.anc] if w.cache.anc is not None else None
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._dynamic_step(w)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._dynamic_step(w)
+        for k, v in saved.items():
+            getattr(w.search, k).copy_(v)
+        if anc is not None:
+            for a, b in zip(w.cache.anc, anc):
+                a.copy_(b)
+        w.t_1.zero_()
+        torch.cuda.synchronize(self.device)
+        return graph
+
+
+class FixedRun:
+    """``steps`` fixed-length decoding steps of ``batch`` sentences x ``beam`` (the paper's protocol):
+    EOS ignored, one CUDA graph per step on a GPU (live length static in each), eager elsewhere."""
+
+    def __init__(self, engine: Engine, batch: int, beam: int, steps: int, src_BS: Optional[torch.Tensor]):
+        self.engine, self.steps, self.beam = engine, steps, beam
+        m, dev = engine.spec, engine.device
+        self.cache = DecodeCache(len(engine.model.decoder), batch, beam, m.n_kv_heads, m.d_k, m.d_v, steps,
+                                 m.window, dev, engine.model.embed.weight.dtype)
+        if src_BS is not None:
+            if bool((src_BS == PAD).any()):
+                raise ValueError("the fixed-length protocol expects full-length sources (no padding)")
+            self.cache.set_cross(engine.step.encode(src_BS), None)
+        vl = engine.vocab_limit
+        self.search = (Greedy(batch, steps, dev, eos=False, vocab_limit=vl,
+                              tune=engine.step.fused and engine.step.tune) if beam == 1 else
+                       Beam(batch, beam, steps, dev, eos=False, vocab_limit=vl))
+        self._bos = torch.full((batch * beam,), BOS, dtype=torch.long, device=dev)
+        self.graphs = []
+        self.reset()
+        if engine.graphs:
+            self._capture()
+
+    def _step(self, t: int) -> None:
+        s, c = self.search, self.cache
+        if c.anc is not None:
+            if t:
+                c.follow(s.parent_TN[t - 1], t)
+            c.mark_own(t, t)
+        s.step(self.engine.step.logits(c, s.tok_N, t), t)
+
+    @torch.no_grad()
+    def _capture(self):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):   # warm-up: kernels compiled and tuned, cuBLAS handles and workspaces made
+            for t in range(self.steps):
+                self._step(t)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        pool = torch.cuda.graph_pool_handle()
+        for t in range(self.steps):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self._step(t)
+            self.graphs.append(g)
+        torch.cuda.synchronize()
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to step 0 (the caches need no clearing: a step writes a position before it is read)."""
+        self.search.reset(self._bos)
+
+    @torch.no_grad()
+    def run(self) -> None:
+        """All steps from the start (call reset() first); asynchronous on CUDA."""
+        if self.graphs:
+            for g in self.graphs:
+                g.replay()
+        else:
+            for t in range(self.steps):
+                self._step(t)
+
+    def tokens(self) -> torch.Tensor:
+        """Greedy: the emitted tokens [N, steps]; beam: each sentence's best hypothesis [B, steps]."""
+        if self.beam == 1:
+            return self.search.out_TN.t().contiguous()
+        return torch.tensor(self.search.results(), dtype=torch.long)

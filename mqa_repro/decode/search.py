@@ -1,0 +1,215 @@
+"""Greedy and beam search, as fixed-shape tensor updates (no host synchronisation inside a step, so a
+whole step can be captured in a CUDA graph).
+
+A search state owns its tensors; ``step(logits_NV, t)`` consumes one step's logits and writes the next
+input tokens into ``tok_N``. ``t`` is the step index: a Python int (static: the fixed-length benchmark
+captures one graph per step) or an int64 device tensor of shape [1] (one graph serves every step).
+
+Rules (the former ``decode.py``'s, which every BLEU of the project was computed with):
+
+* PAD and BOS are never generated, nor ids >= the vocabulary limit (:func:`forbid_specials`).
+* Greedy: each row stops at EOS or at its own limit (``limit_N``: the most tokens it may emit, EOS included).
+* Beam search follows fairseq's rule, which makes beam size 1 exactly greedy search: each step takes the 2k
+  best continuations of every sentence; an EOS continuation is finished only if it ranks among the first k;
+  the first k non-EOS continuations stay alive; a sentence is done once it has k finished hypotheses (or
+  reaches its length limit, which finishes the first k candidates of that step, whatever they are).
+  Finished hypotheses are ranked by log-probability / lp(length), lp(n) = ((5 + n) / 6) ** alpha (Wu et al.
+  2016, the paper's length penalty), length counting the EOS.
+* ``eos=False`` (the benchmark's protocols): EOS is an ordinary token; rows stop only at their limit.
+
+Hypotheses are stored as per-step tokens and parent rows (the cache's ancestor table follows the same
+parents), and traced back once at the end.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ..model import EOS, PAD
+from .kernels import argmax_into, forbid_specials
+
+Step = Union[int, torch.Tensor]
+
+
+def length_penalty(length, alpha: float):
+    """((5 + length) / 6) ** alpha (Wu et al. 2016, eq. 14)."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def max_lengths(src_len_B: torch.Tensor, a: float, b: float, cap: int) -> torch.Tensor:
+    """Per-sentence decode limit min(cap, floor(a * source length + b)), at least 1. ``src_len_B``: source
+    tokens as the encoder sees them (EOS included). Returns int64 [B]."""
+    return torch.clamp((a * src_len_B.float() + b).floor().long(), max=cap, min=1)
+
+
+def _at(t: Step, x: torch.Tensor, value: torch.Tensor) -> None:
+    """x[t] = value for a static or device step."""
+    if isinstance(t, int):
+        x[t].copy_(value)
+    else:
+        x.index_copy_(0, t, value.unsqueeze(0))
+
+
+class Greedy:
+    """Greedy search over N rows for at most ``steps`` steps."""
+
+    def __init__(self, rows: int, steps: int, device, limit_N: Optional[torch.Tensor] = None, eos: bool = True,
+                 vocab_limit: Optional[int] = None, tune: bool = False):
+        """``limit_N`` None: every row runs ``steps`` steps (the fixed-length protocol, nothing checked)."""
+        self.eos, self.vocab_limit, self.tune = eos, vocab_limit, tune
+        self.tok_N = torch.empty(rows, dtype=torch.long, device=device)   # next input tokens
+        self.out_TN = torch.full((steps, rows), PAD, dtype=torch.long, device=device)
+        self.done_N = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.limit_N = limit_N
+        self._scratch_N = torch.empty_like(self.tok_N)
+
+    def reset(self, first_tok_N) -> None:
+        self.tok_N.copy_(first_tok_N)
+        self.done_N.zero_()
+        if self.limit_N is not None:
+            self.out_TN.fill_(PAD)
+
+    @property
+    def done(self) -> torch.Tensor:
+        return self.done_N
+
+    def step(self, logits_NV: torch.Tensor, t: Step) -> None:
+        if self.limit_N is None and not self.eos:   # fixed length: argmax straight into the history
+            out = self.out_TN[t] if isinstance(t, int) else self._scratch_N
+            argmax_into(logits_NV, out, self.tok_N, tune=self.tune, limit=self.vocab_limit)
+            if not isinstance(t, int):
+                _at(t, self.out_TN, out)
+            return
+        argmax_into(logits_NV, self.tok_N, self._scratch_N, tune=self.tune, limit=self.vocab_limit)
+        self.tok_N.masked_fill_(self.done_N, PAD)
+        _at(t, self.out_TN, self.tok_N)
+        if self.eos:
+            self.done_N |= self.tok_N == EOS
+        if self.limit_N is not None:
+            self.done_N |= (t + 1) >= self.limit_N
+
+    def results(self, n: Optional[int] = None) -> list:
+        """Per row (the first ``n``): the emitted ids up to EOS (exclusive) or the limit."""
+        out = []
+        for row in self.out_TN.t()[:n].tolist():
+            ids = []
+            for x in row:
+                if x == EOS and self.eos or x == PAD and self.limit_N is not None:
+                    break
+                ids.append(x)
+            out.append(ids)
+        return out
+
+
+class Beam:
+    """Beam search over B sentences x k hypotheses (rows N = B * k, hypothesis n = b * k + j)."""
+
+    def __init__(self, batch: int, beam: int, steps: int, device, alpha: float = 0.6,
+                 limit_B: Optional[torch.Tensor] = None, eos: bool = True, vocab_limit: Optional[int] = None):
+        """``limit_B`` None: every sentence runs ``steps`` steps (fixed length)."""
+        b, k = batch, beam
+        self.batch, self.k, self.steps, self.alpha, self.eos, self.vocab_limit = b, k, steps, alpha, eos, vocab_limit
+        self.width = 2 * k if eos else k     # candidates per sentence (without EOS, the first k are all alive)
+        self.limit_B = limit_B if limit_B is not None else torch.full((b,), steps, dtype=torch.long, device=device)
+        self.fixed = limit_B is None and not eos
+        self.tok_N = torch.empty(b * k, dtype=torch.long, device=device)
+        self.scores_BK = torch.zeros(b, k, dtype=torch.float32, device=device)   # alive: summed log-probabilities
+        self.hist_TN = torch.zeros(steps, b * k, dtype=torch.long, device=device)     # alive tokens per step
+        self.parent_TN = torch.zeros(steps, b * k, dtype=torch.long, device=device)   # row each extends
+        self.parent_N = torch.arange(b * k, device=device)    # last step's parents (the cache follows them)
+        self.base_B1 = torch.arange(b, device=device)[:, None] * k
+        self.rank_1W = torch.arange(self.width, device=device)[None]
+        # finished hypotheses: score / lp, the step of their last token, the row they extend, that token
+        self.fin_scores_BK = torch.full((b, k), float("-inf"), device=device)
+        self.fin_step_BK = torch.zeros(b, k, dtype=torch.long, device=device)
+        self.fin_row_BK = torch.zeros(b, k, dtype=torch.long, device=device)
+        self.fin_tok_BK = torch.zeros(b, k, dtype=torch.long, device=device)
+        self.fin_count_B = torch.zeros(b, dtype=torch.long, device=device)
+        self.done_B = torch.zeros(b, dtype=torch.bool, device=device)
+        # lp(t + 1) per step, rounded to fp32 once (as a Python float divides an fp32 tensor)
+        self.lp_T = torch.tensor([length_penalty(t + 1, alpha) for t in range(steps)], dtype=torch.float32,
+                                 device=device)
+
+    def reset(self, first_tok_N) -> None:
+        self.tok_N.copy_(first_tok_N)
+        self.scores_BK.fill_(float("-inf"))
+        self.scores_BK[:, 0] = 0.0      # only beam 0 is live at the start
+        self.parent_N.copy_(torch.arange(self.batch * self.k, device=self.tok_N.device))
+        self.fin_scores_BK.fill_(float("-inf"))
+        self.fin_count_B.zero_()
+        self.done_B.zero_()
+
+    @property
+    def done(self) -> torch.Tensor:
+        return self.done_B
+
+    def step(self, logits_NV: torch.Tensor, t: Step) -> None:
+        b, k, w = self.batch, self.k, self.width
+        logp_NV = torch.log_softmax(forbid_specials(logits_NV, self.vocab_limit), -1)
+        top_lp, top_tok = logp_NV.topk(w, dim=-1)                                   # [N, w]
+        cand_BX = (self.scores_BK[:, :, None] + top_lp.float().view(b, k, w)).view(b, k * w)
+        top_scores, idx = cand_BX.topk(w, dim=-1)                                   # [B, w]
+        parent_BW = idx // w                                                        # beam within the sentence
+        token_BW = top_tok.view(b, k * w).gather(1, idx)
+        static_last = isinstance(t, int) and t + 1 >= self.steps
+        if not self.fixed or static_last:
+            self._finish(top_scores, parent_BW, token_BW, t)
+        if self.eos:   # alive: the first k non-EOS candidates
+            is_eos = token_BW == EOS
+            alive_rank = torch.where(is_eos, torch.full_like(is_eos, 4 * k, dtype=torch.long),
+                                     self.rank_1W.expand_as(is_eos))
+            order = alive_rank.argsort(dim=1)[:, :k]
+            a_parent, a_token, a_scores = parent_BW.gather(1, order), token_BW.gather(1, order), \
+                top_scores.gather(1, order)
+        else:
+            a_parent, a_token, a_scores = parent_BW, token_BW, top_scores
+        self.scores_BK.copy_(a_scores)
+        self.parent_N.copy_((self.base_B1 + a_parent).view(-1))
+        _at(t, self.parent_TN, self.parent_N)
+        _at(t, self.hist_TN, a_token.view(-1))
+        self.tok_N.copy_(a_token.view(-1))
+
+    def _finish(self, top_scores, parent_BW, token_BW, t: Step) -> None:
+        """Move this step's finishing candidates into each sentence's k best finished hypotheses."""
+        k = self.k
+        last_B = (t + 1) >= self.limit_B
+        first_k = self.rank_1W < k
+        finish = (last_B[:, None] & first_k)
+        if self.eos:
+            finish = finish | ((token_BW == EOS) & first_k)
+        finish &= ~self.done_B[:, None]
+        lp = length_penalty(t + 1, self.alpha) if isinstance(t, int) else self.lp_T[t]
+        new_scores = torch.where(finish, top_scores / lp, torch.full_like(top_scores, float("-inf")))
+        all_scores = torch.cat([self.fin_scores_BK, new_scores], 1)
+        keep = all_scores.topk(k, dim=1).indices
+        step_BW = torch.zeros_like(token_BW) + t
+        for field, new in ((self.fin_step_BK, step_BW), (self.fin_row_BK, self.base_B1 + parent_BW),
+                           (self.fin_tok_BK, token_BW)):
+            field.copy_(torch.cat([field, new], 1).gather(1, keep))
+        self.fin_scores_BK.copy_(all_scores.gather(1, keep))
+        self.fin_count_B += finish.sum(1)
+        self.done_B |= (self.fin_count_B >= k) | last_B
+
+    def results(self, n: Optional[int] = None) -> list:
+        """Per sentence (the first ``n``): the best finished hypothesis' ids without its EOS."""
+        n = self.batch if n is None else n
+        best = self.fin_scores_BK[:n].argmax(1, keepdim=True)
+        step = self.fin_step_BK[:n].gather(1, best).view(-1).tolist()
+        row = self.fin_row_BK[:n].gather(1, best).view(-1).tolist()
+        last = self.fin_tok_BK[:n].gather(1, best).view(-1).tolist()
+        hist, parent = self.hist_TN.cpu(), self.parent_TN.cpu()
+        out = []
+        for s, r, tok in zip(step, row, last):
+            ids = [tok]
+            for u in range(s - 1, -1, -1):
+                ids.append(int(hist[u, r]))
+                r = int(parent[u, r])
+            ids.reverse()
+            if self.eos and ids[-1] == EOS:
+                ids.pop()
+            out.append(ids)
+        return out
+
+    def best_scores(self, n: Optional[int] = None) -> torch.Tensor:
+        return self.fin_scores_BK[:n].max(1).values
