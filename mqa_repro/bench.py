@@ -72,11 +72,11 @@ def default_config(variant, device: torch.device, **overrides) -> BenchConfig:
 
 
 def check_config(cfg: BenchConfig, variants: list = ()) -> None:
-    """Every number of the benchmark at the door, as a UserError naming its option: sizes, repeats, streams,
+    """Every number of the benchmark at the door, as a UserError naming its option: sizes, repeats,
     beams and sweep points positive, sweep points only with a sweep, lengths within each variant's
     ``model.max_positions`` (default length-sweep points beyond it are skipped instead)."""
     for name, x in (("--batch-size", cfg.batch), ("--src-len", cfg.src_len), ("--tgt-len", cfg.tgt_len),
-                    ("--repeats", cfg.repeats), ("--streams", cfg.streams),
+                    ("--repeats", cfg.repeats),
                     ("benchmark.train_tokens", cfg.train_tokens)):
         if isinstance(x, bool) or not isinstance(x, int) or x < 1:
             raise UserError(f"{name} must be a positive integer, got {x!r}")

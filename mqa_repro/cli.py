@@ -527,6 +527,7 @@ def _decode_bench_real(spec, s, variants, state, beam, device, dtype, repeats, f
     """decode-bench --real: parse, call bench_real.run_real_bench, print."""
     from . import bench, bench_real
     from .provenance import write_json_atomic
+    from .runtime import resolve_device
 
     if peer == "hf":
         raise UserError("--peer hf times fixed shapes only (Marian on random weights); use --peer ct2 with --real")
@@ -535,7 +536,7 @@ def _decode_bench_real(spec, s, variants, state, beam, device, dtype, repeats, f
                      ("--beam", beam or [])):
         if xs and min(xs) < 1:
             raise UserError(f"{name} must be positive, got {min(xs)}")
-    dev = bench.resolve_device(device.value)
+    dev = resolve_device(device.value)
     v0 = variants[0]
     cfg = bench_real.RealConfig(
         device=dev.type, dtype=dtype.value if dtype else ("fp32" if dev.type == "cpu" else v0.benchmark.dtype),

@@ -175,7 +175,6 @@ def test_peer_hf_compares_only_what_marian_can_be():
     ({"batch": 0}, "--batch-size must be a positive integer, got 0"),
     ({"repeats": -1}, "--repeats must be a positive integer"),
     ({"beams": [1, 0]}, "--beam must be positive integers"),
-    ({"streams": 0}, "--streams must be a positive integer"),
 ])
 def test_bench_numbers_are_checked_at_the_door(changes, match):
     from mqa_repro.bench import check_config, default_config, run_bench
