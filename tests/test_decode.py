@@ -152,4 +152,6 @@ def test_user_mistakes_are_one_sentence(sentences):
     lm = make("multi_head", "decoder-only")
     with pytest.raises(UserError, match="translate"):
         Engine(lm).translate([[5, 6]])
+    with pytest.raises(UserError, match="beam size"):
+        Engine(m).translate(sentences[:2], beam=0)
     assert Engine(m).translate([]) == []

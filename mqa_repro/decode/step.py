@@ -124,7 +124,7 @@ class DecoderStep:
         mask = None
         if src_len_B is not None:   # padding is masked as a key (padded queries are computed and never read)
             mask = (pos[None] < src_len_B.to(pos.device)[:, None]).view(b, 1, 1, s)
-        qh = self.h // self.g
+        qh = self.spec.group_size
         for blk in model.encoder:
             a = blk.self_attn
             hn = blk.self_norm(x)
