@@ -101,9 +101,7 @@ def test_beam_one_is_greedy_and_batching_and_early_stop_change_nothing(sentences
     from mqa_repro.decode import engine as engine_mod
     from mqa_repro.decode.search import Beam
 
-    m = make("multi_query")
-    with torch.no_grad():   # EOS even likelier: whole batches finish before their limit
-        m.embed.weight[EOS] *= 1.6
+    m = make("multi_head")   # (this one stops some sentences early, some at their limit)
     ref = Engine(m).translate(sentences, beam=1, **LIMITS)
     assert Engine(m).translate(sentences, beam=1, batch_tokens=1, **LIMITS) == ref      # one sentence per batch
     # beam search with k = 1 (2 candidates, finishing rules) where greedy would run
@@ -113,13 +111,17 @@ def test_beam_one_is_greedy_and_batching_and_early_stop_change_nothing(sentences
     monkeypatch.undo()
     monkeypatch.setattr(engine_mod, "CHECK_EVERY", 10 ** 6)    # never stop early: every batch runs to its limit
     late = Engine(m)
-    assert late.translate(sentences, beam=1, **LIMITS) == ref
+    assert late.translate(sentences, beam=1, batch_tokens=1, **LIMITS) == ref
+    late_steps = late.steps_run
     beams = late.translate(sentences, beam=4, **LIMITS)
     monkeypatch.setattr(engine_mod, "CHECK_EVERY", 1)
     early = Engine(m)
-    assert early.translate(sentences, beam=1, **LIMITS) == ref
+    assert early.translate(sentences, beam=1, batch_tokens=1, **LIMITS) == ref
+    # one sentence per batch, checked every step: each batch ran exactly until its EOS (or its limit)
+    limits = max_lengths(torch.tensor([len(s) + 1 for s in sentences]), LIMITS["max_len_a"], LIMITS["max_len_b"],
+                         LIMITS["max_len_cap"]).tolist()
+    assert early.steps_run == sum(min(len(x) + 1, n) for x, n in zip(ref, limits)) < late_steps == sum(limits)
     assert early.translate(sentences, beam=4, **LIMITS) == beams
-    assert 0 < early.steps_run < late.steps_run
 
 
 def test_forced_lengths_vocab_limit_and_specials(sentences):
@@ -150,4 +152,6 @@ def test_user_mistakes_are_one_sentence(sentences):
     lm = make("multi_head", "decoder-only")
     with pytest.raises(UserError, match="translate"):
         Engine(lm).translate([[5, 6]])
+    with pytest.raises(UserError, match="beam size"):
+        Engine(m).translate(sentences[:2], beam=0)
     assert Engine(m).translate([]) == []

@@ -111,3 +111,39 @@ def test_language_model_perplexity_per_subword_and_per_word(shared_data, tmp_pat
         assert p["words"] < p["subword_tokens"]
         assert p["ln_ppl_per_word"] * p["words"] == pytest.approx(p["ln_ppl_per_subword"] * p["subword_tokens"])
         assert p["ppl_per_word"] > p["ppl_per_subword"]
+
+
+def check_engine_equals_reference_path(checkpoint, data, n=40) -> None:
+    """evaluate's decoding (the engine) against the eager reference path on a trained checkpoint."""
+    import torch
+
+    from mqa_repro.evaluate import translate
+    from mqa_repro.model import EOS, PAD
+    from mqa_repro.train import load_checkpoint, load_examples, model_from_checkpoint, open_prepared
+
+    from .oracle import beam_search, greedy, strip
+
+    variant, model = model_from_checkpoint(load_checkpoint(checkpoint), "cpu")
+    ev = variant.evaluation
+    ex = load_examples(open_prepared(variant, data), variant, variant.data.test[0], n)
+    src = torch.full((len(ex), max(map(len, ex.src)) + 1), PAD)
+    for i, s in enumerate(ex.src):
+        src[i, : len(s)] = torch.as_tensor(s)
+        src[i, len(s)] = EOS
+    from mqa_repro.decode import max_lengths
+
+    lim = max_lengths((src != PAD).sum(1), ev.max_len_a, ev.max_len_b, min(ev.max_len_cap, variant.model.max_positions))
+    for beam in (1, 4):
+        got = translate(model, ex, ev, beam, 16, "cpu")
+        if beam == 1:
+            want = strip(*greedy(model, src, max_len_B=lim))
+        else:
+            tokens, lengths, _ = beam_search(model, src, beam=beam, alpha=ev.length_penalty, max_len_B=lim)
+            want = strip(tokens, lengths)
+        assert got == want, beam
+
+
+def test_evaluate_decodes_what_the_reference_path_decodes(tiny_run, tiny_data):
+    """On the trained tiny model and real test sentences: the engine's greedy and beam-4 hypotheses equal the
+    eager reference path's (model.decode_step + the former decode.py search) token for token."""
+    check_engine_equals_reference_path(tiny_run.checkpoint, tiny_data)

@@ -47,6 +47,11 @@ def bucket(x: int, minimum: int = 8) -> int:
     return -(-x // 64) * 64
 
 
+def _check_beam(beam) -> None:
+    if not isinstance(beam, int) or beam < 1:
+        raise UserError(f"the beam size must be a positive integer, got {beam!r}")
+
+
 @dataclass
 class _Work:
     """Everything one batch shape's step reads and writes (kept alive for its CUDA graph)."""
@@ -115,6 +120,7 @@ class Engine:
                 raise UserError(f"forced_lengths needs one length in 1 .. {m.max_positions} per source")
         else:
             limits = max_lengths(torch.from_numpy(lens), max_len_a, max_len_b, cap).numpy()
+        _check_beam(beam)
         out = [None] * len(srcs)
         for idx in self._batches(lens, batch_tokens):
             ids = self._decode_batch([srcs[i] for i in idx], lens[idx], limits[idx], beam, alpha,
@@ -154,6 +160,7 @@ class Engine:
             if max_new_tokens < 1:
                 raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
             limits = np.minimum(max_new_tokens, room).astype(np.int64)
+        _check_beam(beam)
         out = [None] * len(ps)
         for idx in self._batches(lens, batch_tokens):
             ids = self._decode_batch([ps[i] for i in idx], lens[idx], limits[idx], beam, alpha,
