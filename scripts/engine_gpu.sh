@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The decoding engine's GPU results (issue 16) on one GPU: Table 2 at the paper's shape timed on the engine's
+# fixed-length mode (with the Hugging Face peer), and translation throughput on WMT14 newstest2014 (3,003 real
+# sentences, EOS on; random weights, so each output is forced to its reference's length) at 1024 and 32
+# sentences per batch, greedy and beam 4, beside CTranslate2 running the same weights on the same sentences.
+#
+# Run from the repository root with the spec's prepared data in data/wmt14_ende (`mqa-repro prepare
+# experiments/wmt14_ende.yaml`). CTranslate2 (`pip install 'mqa-repro[ct2]'`) must import; its CUDA 12 build
+# runs on a CUDA 13 machine with libcublas.so.13 linked as libcublas.so.12 on LD_LIBRARY_PATH. Set
+# MQA_REPRO_GIT_SHA where the tree has no git history. Writes table2.json and real_newstest2014.json (each with
+# its provenance) and their logs to ${OUT_DIR:-results/bench/h200}.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT_DIR=${OUT_DIR:-results/bench/h200}
+mkdir -p "$OUT_DIR"
+B="python3 -m mqa_repro decode-bench experiments/wmt14_ende.yaml"
+ROWS="--variant multi_head --variant multi_query --variant multi_head_local --variant multi_query_local
+      --variant gqa2 --variant gqa4"
+# shellcheck disable=SC2086
+timeout ${T2_TIMEOUT:-330} $B $ROWS --no-train --peer hf --out "$OUT_DIR/table2.json" 2>&1 | tee "$OUT_DIR/table2.log"
+echo "table2 exit ${PIPESTATUS[0]}"
+timeout ${REAL_TIMEOUT:-300} $B --real --variant multi_head --variant multi_query --peer ct2 \
+  --out "$OUT_DIR/real_newstest2014.json" 2>&1 | tee "$OUT_DIR/real_newstest2014.log"
+echo "real exit ${PIPESTATUS[0]}"
