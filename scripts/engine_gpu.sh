@@ -7,8 +7,8 @@
 # Run from the repository root with the spec's prepared data in data/wmt14_ende (`mqa-repro prepare
 # experiments/wmt14_ende.yaml`). CTranslate2 (`pip install 'mqa-repro[ct2]'`) must import; its CUDA 12 build
 # runs on a CUDA 13 machine with libcublas.so.13 linked as libcublas.so.12 on LD_LIBRARY_PATH. Set
-# MQA_REPRO_GIT_SHA where the tree has no git history. Writes table2.json and real_newstest2014.json (each with
-# its provenance) and their logs to ${OUT_DIR:-results/bench/h200}.
+# MQA_REPRO_GIT_SHA where the tree has no git history. Writes table2.json and real_newstest2014_<variant>.json
+# (each with its provenance) and their logs to ${OUT_DIR:-results/bench/h200}; STAGES picks (table2 real).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT_DIR=${OUT_DIR:-results/bench/h200}
@@ -16,9 +16,17 @@ mkdir -p "$OUT_DIR"
 B="python3 -m mqa_repro decode-bench experiments/wmt14_ende.yaml"
 ROWS="--variant multi_head --variant multi_query --variant multi_head_local --variant multi_query_local
       --variant gqa2 --variant gqa4"
-# shellcheck disable=SC2086
-timeout ${T2_TIMEOUT:-330} $B $ROWS --no-train --peer hf --out "$OUT_DIR/table2.json" 2>&1 | tee "$OUT_DIR/table2.log"
-echo "table2 exit ${PIPESTATUS[0]}"
-timeout ${REAL_TIMEOUT:-300} $B --real --variant multi_head --variant multi_query --peer ct2 \
-  --out "$OUT_DIR/real_newstest2014.json" 2>&1 | tee "$OUT_DIR/real_newstest2014.log"
-echo "real exit ${PIPESTATUS[0]}"
+for stage in ${STAGES:-table2 real}; do
+  case $stage in
+    table2)   # shellcheck disable=SC2086
+      timeout ${T2_TIMEOUT:-330} $B $ROWS --no-train --peer hf --out "$OUT_DIR/table2.json" 2>&1 |
+        tee "$OUT_DIR/table2.log"
+      echo "table2 exit ${PIPESTATUS[0]}" ;;
+    real)     # one file per variant, so that a variant cut short by its time limit loses only itself
+      for v in multi_head multi_query; do
+        timeout ${REAL_TIMEOUT:-300} $B --real --variant $v --peer ct2 --out "$OUT_DIR/real_newstest2014_$v.json" \
+          2>&1 | tee "$OUT_DIR/real_newstest2014_$v.log"
+        echo "real $v exit ${PIPESTATUS[0]}"
+      done ;;
+  esac
+done

@@ -36,7 +36,8 @@ from .search import Beam, Greedy, max_lengths
 from .step import DecoderStep
 
 CHECK_EVERY = 8          # steps between "is every row done?" checks (each one host synchronisation)
-MAX_WORKSPACES = 8       # captured shapes kept per engine (each holds its cache and graph)
+MAX_WORKSPACES = 64      # captured shapes kept per engine (each holds its cache and graph), least recently
+WORKSPACE_MEMORY = 0.5   # used first out; and fewer while the device holds more than this share of its memory
 
 
 def bucket(x: int, minimum: int = 8) -> int:
@@ -284,7 +285,10 @@ class Engine:
 
     def _workspace(self, key, rows, beam, steps, length, src_width, alpha, eos) -> _Work:
         if key in self._work:
+            self._work[key] = self._work.pop(key)     # most recently used last
             return self._work[key]
+        if self.graphs:
+            self._evict(rows * beam * length)
         m, dev, dt = self.spec, self.device, self.model.embed.weight.dtype
         cache = DecodeCache(len(self.model.decoder), rows, beam, m.n_kv_heads, m.d_k, m.d_v, length, m.window, dev,
                             dt)
@@ -300,10 +304,21 @@ class Engine:
         w = _Work(cache, search, torch.zeros(rows * beam, dtype=torch.long, device=dev),
                   torch.zeros(1, dtype=torch.long, device=dev), min(length, m.max_positions) - 1)
         if self.graphs:
-            while len(self._work) >= MAX_WORKSPACES:
-                self._work.pop(next(iter(self._work)))
             self._work[key] = w
         return w
+
+    def _evict(self, positions: int) -> None:
+        """Drop least recently used workspaces (graph and cache) until fewer than MAX_WORKSPACES are kept and the
+        device holds at most WORKSPACE_MEMORY of its memory with room for a cache of ``positions`` more
+        (rows x beam x length) positions. Shapes recur batch after batch (a sorted test set walks through a
+        dozen at 32 sentences per batch), so a capture is made once per shape, not once per batch."""
+        m = self.spec
+        need = positions * len(self.model.decoder) * m.kv_values_per_position * self.model.embed.weight.element_size()
+        budget = WORKSPACE_MEMORY * torch.cuda.get_device_properties(self.device).total_memory
+        while self._work and (len(self._work) >= MAX_WORKSPACES or
+                              torch.cuda.memory_allocated(self.device) + need > budget):
+            self._work.pop(next(iter(self._work)))
+            torch.cuda.empty_cache()
 
     def _dynamic_step(self, w: _Work) -> None:
         """One step of every row at its own position offset + t (device tensors only: graph-capturable)."""
