@@ -49,6 +49,11 @@ class DataPlan:
     vocab_size: int
     task: str                 # "translation" or "lm"
 
+    @classmethod
+    def of(cls, v: Variant) -> "DataPlan":
+        """The data plan of one variant (the same for every variant of a spec: :func:`plan_for`)."""
+        return cls(v.spec_name, v.source, v.data, v.model.vocab_size, "translation" if v.model.is_seq2seq else "lm")
+
     @property
     def sides(self) -> list:
         return [self.data.src_lang, self.data.tgt_lang] if self.task == "translation" else ["text"]
@@ -81,8 +86,7 @@ def plan_for(spec: Spec) -> DataPlan:
                     "model.kind" if v.model.kind != first.model.kind else "data")
             raise UserError(f"{spec.path}: variants {first.name!r} and {v.name!r} differ in {what}, but one "
                             f"spec is prepared once for all its variants; move one of them to its own spec")
-    task = "translation" if first.model.is_seq2seq else "lm"
-    return DataPlan(spec.name, spec.path, first.data, first.model.vocab_size, task)
+    return DataPlan.of(first)
 
 
 @dataclass(frozen=True)
@@ -251,8 +255,7 @@ def load_prepared(path: Union[str, Path], variant: Optional[Variant] = None) -> 
         raise UserError(f"{path} was prepared by another version of mqa-repro (format "
                         f"{manifest.get('format_version')}, need {FORMAT_VERSION}); run `mqa-repro prepare` again")
     if variant is not None:
-        task = "translation" if variant.model.is_seq2seq else "lm"
-        want = DataPlan(variant.spec_name, variant.source, variant.data, variant.model.vocab_size, task).hash
+        want = DataPlan.of(variant).hash
         if manifest.get("data_hash") != want:
             raise UserError(f"{path} was prepared from a different data section or vocabulary size than "
                             f"{variant.spec_name}/{variant.name}; run `mqa-repro prepare` for this spec again")
