@@ -283,6 +283,8 @@ def unfinished(man: dict, metrics, v: Variant, run_dir: Path) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------------
+# The tables of a collection, rendered
+# --------------------------------------------------------------------------------------------------
 def build_tables(col: Collection, bootstrap_samples: int = 1000) -> list:
     tables, lm = [], []   # the paper's order: Table 1, Table 2 (each with its cost model), Table 3
     for spec in sorted(col.runs):
