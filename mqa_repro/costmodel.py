@@ -102,7 +102,7 @@ def device_preset(name: Optional[str] = None, bandwidth_GBps: Optional[float] = 
 
 
 # --------------------------------------------------------------------------------------------------
-# One decoder step (the function report.py calls beside decode-bench measurements)
+# One decoder step (the function tables.py calls beside decode-bench measurements)
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepPrediction:
