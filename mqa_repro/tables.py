@@ -332,7 +332,7 @@ def table_cost_model(path: Path, bench: dict) -> Optional[Table]:
     ceil = bench.get("ceilings", {})
     cols = [("variant", "attention"), ("beam", "beam"), ("measured", "measured µs/token")]
     if sheet:
-        cols += [("model_sheet", f"model, {sheet.name} datasheet"), ("x_sheet", "measured / model")]
+        cols += [("model_sheet", f"model, {sheet.device} datasheet"), ("x_sheet", "measured / model")]
     cols += [("model_measured", "model, measured ceilings"), ("x_measured", "measured / model"),
              ("bound", "bound at t = L/2"), ("critical_batch", "compute-bound from batch")]
     rows, order = [], row_order(specs)
