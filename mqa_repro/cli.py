@@ -45,7 +45,8 @@ def describe(
 ):
     """Validate a spec and list its variants: heads, K/V heads, d_k, d_v, d_ff, window, parameters and
     key/value cache bytes per decoded token per sequence (bf16; self-attention and encoder-decoder apart)."""
-    from .spec import describe_rows, load_spec
+    from .spec import describe_rows
+    from .specfile import load_spec
 
     s = load_spec(spec)
     rows = describe_rows(s)
@@ -97,9 +98,9 @@ def prepare(
     """Turn a spec's corpus into training data: one SentencePiece model shared by source and target, token
     arrays with offsets per split and side, the raw dev/test text, and manifest.json (sha256 of every source
     file, counts, hashes). Re-running with unchanged sources and data section does nothing."""
-    from .data import prepare as prepare_data
+    from .prepare import prepare as prepare_data
     from .provenance import check_writable
-    from .spec import load_spec
+    from .specfile import load_spec
 
     if out_dir is not None:
         check_writable(out_dir, "dir", "--out")
@@ -169,7 +170,7 @@ def train(
     import os
 
     from .provenance import check_writable
-    from .spec import apply_overrides, load_spec
+    from .specfile import apply_overrides, load_spec
     from .step import StepOptions
     from .train import train_variant
 
@@ -427,7 +428,7 @@ def decode_bench(
     from . import bench
     from .provenance import check_writable, write_json_atomic, write_text_atomic
     from .runtime import resolve_device
-    from .spec import load_spec
+    from .specfile import load_spec
 
     s = load_spec(spec)
     variants = s.select(variant)
@@ -609,7 +610,7 @@ def cost_model(
     on several chips the K/V cache sharded over heads versus over the batch."""
     from . import costmodel as cm
     from .provenance import check_writable, write_json_atomic
-    from .spec import load_spec
+    from .specfile import load_spec
 
     s = load_spec(spec)
     variants = s.select(variant)
@@ -722,7 +723,7 @@ def run(
     interrupted run picks up where it stopped (training resumes from its checkpoint)."""
     from .pipeline import parse_stages, run_pipeline
     from .provenance import check_writable
-    from .spec import load_spec
+    from .specfile import load_spec
 
     s = load_spec(spec)
     check_writable(results_dir, "dir", "--results")

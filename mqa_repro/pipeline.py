@@ -145,7 +145,8 @@ def run_pipeline(spec: Spec, *, stages=STAGES, variants: Optional[list] = None, 
                  device: str = "auto", data_dir=None, results="results", checkpoints="checkpoints",
                  progress: bool = True, say: Callable = print) -> Optional[str]:
     """Run the stages for the chosen variants and seeds; returns the report text when it ran."""
-    from .data import prepare, prepared_dir
+    from .data import prepared_dir
+    from .prepare import prepare
 
     chosen = spec.select(variants)
     results, checkpoints = Path(results), Path(checkpoints)

@@ -1,7 +1,7 @@
 """The physical limit beside every time: measured device ceilings and analytic bytes / FLOPs per step.
 
 A device's ceilings (:class:`Ceilings`: memory bandwidth, matrix peak, optionally memory size) are either a
-datasheet's (``costmodel.DEVICES``) or measured here: memory bandwidth from a large device-to-device copy
+datasheet's (``devices.DEVICES``) or measured here: memory bandwidth from a large device-to-device copy
 (bytes read + bytes written over the time) and peak matrix throughput from a large matrix product in the
 benchmark's dtype. Measurements are cached per (device, torch version, dtype) in ``ceilings.json`` under
 ``$MQA_REPRO_CACHE`` (default ``~/.cache/mqa-repro``, see :func:`cache_path`); ``decode-bench`` writes it,
@@ -134,7 +134,7 @@ def training_cost(m: ModelSpec, rows: int, seq_len: int, n_params: int) -> Cost:
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Ceilings:
-    """What one device can do: measured (``measure_ceilings``) or from a datasheet (``costmodel.DEVICES``)."""
+    """What one device can do: measured (``measure_ceilings``) or from a datasheet (``devices.DEVICES``)."""
 
     device: str            # the device's name
     dtype: str             # the dtype ``peak_flops`` holds for

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from mqa_repro.spec import load_spec  # noqa: E402
+from mqa_repro.specfile import load_spec  # noqa: E402
 from mqa_repro.train import train_variant  # noqa: E402
 
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -46,7 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
-            from mqa_repro.data import prepare
+            from mqa_repro.prepare import prepare
 
             shared = Path(os.environ.get("MQA_REPRO_DATA", ROOT.parent / "shared" / "data"))
             data = Path(tmp) / "tiny"

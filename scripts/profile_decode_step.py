@@ -11,7 +11,7 @@ import torch
 
 from mqa_repro.bench import build_model, random_tokens
 from mqa_repro.decode import Engine, tuning_record
-from mqa_repro.spec import load_spec
+from mqa_repro.specfile import load_spec
 
 spec = load_spec("experiments/wmt14_ende.yaml")
 dev = torch.device("cuda")

@@ -30,8 +30,8 @@ TINY = EXPERIMENTS / "tiny.yaml"
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, shared_data) -> Path:
-    from mqa_repro.data import prepare
-    from mqa_repro.spec import load_spec
+    from mqa_repro.prepare import prepare
+    from mqa_repro.specfile import load_spec
 
     out = tmp_path_factory.mktemp("tiny_data") / "tiny"
     prepare(load_spec(TINY), data_dir=shared_data, out=out, progress=False)
@@ -41,7 +41,7 @@ def tiny_data(tmp_path_factory, shared_data) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_data):
     """The tiny spec's multi_head row trained for training.steps (300) steps on the CPU: a TrainResult."""
-    from mqa_repro.spec import load_spec
+    from mqa_repro.specfile import load_spec
     from mqa_repro.train import train_variant
 
     root = tmp_path_factory.mktemp("tiny_run")

@@ -13,7 +13,8 @@ import torch
 
 from mqa_repro import roofline as rl
 from mqa_repro.bench import BenchConfig, check_fast_path
-from mqa_repro.spec import ModelSpec, load_spec
+from mqa_repro.spec import ModelSpec
+from mqa_repro.specfile import load_spec
 
 from .conftest import EXPERIMENTS, ROOT
 

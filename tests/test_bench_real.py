@@ -11,7 +11,7 @@ import pytest
 from mqa_repro import roofline as rl
 from mqa_repro.bench import load_checkpoint as bench_checkpoint
 from mqa_repro.bench_real import RealConfig, batches_by_source, load_sentences, run_real_bench, sentence_bound
-from mqa_repro.spec import load_spec
+from mqa_repro.specfile import load_spec
 
 from .conftest import ROOT, TINY
 

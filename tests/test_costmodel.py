@@ -11,7 +11,8 @@ import pytest
 from mqa_repro import costmodel as cm
 from mqa_repro import roofline as rl
 from mqa_repro.errors import UserError
-from mqa_repro.spec import ModelSpec, load_spec
+from mqa_repro.spec import ModelSpec
+from mqa_repro.specfile import load_spec
 
 from .conftest import EXPERIMENTS, ROOT
 

@@ -143,7 +143,7 @@ def test_embed_layernorm_kernel_matches_torch():
 def test_qkv_apart_writes_the_same_cache_and_queries_as_fused():
     """The two ways of computing the projections (plain torch, so checked everywhere)."""
     from mqa_repro.bench import build_model
-    from mqa_repro.spec import load_spec
+    from mqa_repro.specfile import load_spec
 
     for name in ("multi_head", "multi_query"):
         model = build_model(load_spec(EXPERIMENTS / "tiny.yaml").variants[name], torch.device("cpu"), "fp32")
@@ -163,7 +163,7 @@ def test_qkv_apart_writes_the_same_cache_and_queries_as_fused():
 @pytest.mark.parametrize("split", [0, 2])
 def test_fast_decoder_on_the_kernels_computes_decode_step(split):
     from mqa_repro.bench import BenchConfig, build_model, check_fast_path
-    from mqa_repro.spec import load_spec
+    from mqa_repro.specfile import load_spec
 
     v = load_spec(EXPERIMENTS / "tiny.yaml").variants["multi_query"]
     model = build_model(v, DEV, "fp32")
@@ -185,7 +185,7 @@ def test_fast_decoder_on_the_kernels_computes_decode_step(split):
 def test_fast_decoder_with_every_tunable_choice_forced(monkeypatch, forced):
     """What the tuner may pick at the benchmark's shape, forced at a small one: still decode_step's function."""
     from mqa_repro.bench import BenchConfig, build_model, check_fast_path
-    from mqa_repro.spec import load_spec
+    from mqa_repro.specfile import load_spec
 
     monkeypatch.setattr(tuning, "TUNE_MIN_ROWS", 1)
     for mod in (fd, step_mod):
@@ -272,7 +272,7 @@ def test_cuda_graphs_translate_what_eager_translates(name):
     beam 4, and the shapes captured stay few."""
     from mqa_repro.bench import build_model
     from mqa_repro.decode import Engine
-    from mqa_repro.spec import load_spec
+    from mqa_repro.specfile import load_spec
 
     v = load_spec(EXPERIMENTS / "tiny.yaml").variants[name]
     model = build_model(v, torch.device("cuda"), "fp32")
@@ -292,7 +292,7 @@ def test_cuda_graphs_translate_what_eager_translates(name):
 def test_cuda_graphs_generate_what_eager_generates():
     from mqa_repro.bench import build_model
     from mqa_repro.decode import Engine
-    from mqa_repro.spec import load_spec
+    from mqa_repro.specfile import load_spec
 
     v = load_spec(EXPERIMENTS / "tiny.yaml").variants["multi_query_local"]
     v = v.__class__.from_dict({**v.to_dict(), "model": {**v.to_dict()["model"], "kind": "decoder-only",

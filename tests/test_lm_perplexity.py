@@ -4,9 +4,10 @@ lines with a tiny max length, so that nearly every line is longer than one piece
 import pytest
 import yaml
 
-from mqa_repro.data import load_prepared, prepare
+from mqa_repro.data import load_prepared
+from mqa_repro.prepare import prepare
 from mqa_repro.evaluate import evaluate_run
-from mqa_repro.spec import load_spec
+from mqa_repro.specfile import load_spec
 from mqa_repro.train import train_variant
 
 from .conftest import TINY

@@ -19,7 +19,7 @@ from mqa_repro.evaluate import evaluate_run, missing_scores
 from mqa_repro.pipeline import evaluation_done, training_done
 from mqa_repro.report import report
 from mqa_repro.runlock import own
-from mqa_repro.spec import apply_overrides, load_spec
+from mqa_repro.specfile import apply_overrides, load_spec
 from mqa_repro.train import (NAN_ENV, TrainingDiverged, TrainingInterrupted, load_checkpoint, read_log,
                              run_dir, train_variant)
 

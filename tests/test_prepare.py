@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import yaml
 
-from mqa_repro.data import load_prepared, moses_detokenize, prepare
+from mqa_repro.corpora import moses_detokenize
+from mqa_repro.data import load_prepared
+from mqa_repro.prepare import prepare
 from mqa_repro.errors import UserError
-from mqa_repro.spec import load_spec
+from mqa_repro.specfile import load_spec
 
 from .conftest import EXPERIMENTS, ROOT
 

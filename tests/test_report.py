@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from mqa_repro.paper import ROW_LABELS
-from mqa_repro.spec import load_spec
+from mqa_repro.specfile import load_spec
 
 from .conftest import EXPERIMENTS, ROOT
 
@@ -171,7 +171,7 @@ def test_cost_model_multi_gpu_and_notes(pipeline, tmp_path):
 
 
 def test_uptrained_rows_are_labelled_and_ordered():
-    from mqa_repro.report import _label, _order
+    from mqa_repro.tables import row_label as _label, row_order as _order
 
     names = ["multi_head_to_kv2_mean_5pct", "multi_head_to_kv1_random_5pct", "multi_head_to_kv1_mean_10pct",
              "multi_query", "multi_head_to_kv1_mean_5pct", "multi_head"]
@@ -268,7 +268,7 @@ def test_a_malformed_bench_is_listed_with_the_reason(small_results, damage, reas
 
 
 def test_bootstrap_zero_computes_no_p(small_results, monkeypatch):
-    from mqa_repro import report as rp
+    from mqa_repro import tables as rp
 
     monkeypatch.setattr(rp, "_paired_p", lambda *a, **k: pytest.fail("a p-value was computed"))
     j = _report_json(small_results, bootstrap=0)

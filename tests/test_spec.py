@@ -6,7 +6,8 @@ import yaml
 
 from mqa_repro.errors import SpecError
 from mqa_repro.model import Transformer, count_parameters
-from mqa_repro.spec import KNOWN_VARIANTS, describe_rows, load_spec, param_count
+from mqa_repro.spec import KNOWN_VARIANTS, describe_rows, param_count
+from mqa_repro.specfile import load_spec
 
 from .conftest import EXPERIMENTS
 
@@ -184,7 +185,7 @@ def test_e_notation_is_a_number_everywhere(tmp_path):
     t = load_spec(_write(tmp_path, _TOY_YAML, "toy.yaml")).variants["multi_head"].training
     assert (t.lr, t.steps, t.weight_decay, t.label_smoothing, t.z_loss) == (3e-3, 1000, 1e-2, 0.05, 1e-4)
     assert isinstance(t.steps, int) and isinstance(t.warmup_steps, int)
-    from mqa_repro.spec import apply_overrides
+    from mqa_repro.specfile import apply_overrides
 
     v = apply_overrides(load_spec(_write(tmp_path, _TOY_YAML, "toy.yaml")).variants["multi_head"],
                         ["training.lr=2e-4", "training.batch_tokens=4e3"])
@@ -204,7 +205,7 @@ def test_duplicate_keys_are_refused(tmp_path, text, key, lines):
     with pytest.raises(SpecError) as e:
         load_spec(p)
     assert str(e.value) == f"{p}: {key}: is given twice (lines {lines}); keep one"
-    from mqa_repro.spec import apply_overrides
+    from mqa_repro.specfile import apply_overrides
 
     with pytest.raises(SpecError, match=r"--set: evaluation.beams\.a: is given twice"):
         apply_overrides(load_spec(_write(tmp_path, _TOY_YAML, "toy.yaml")).variants["multi_head"],
@@ -234,7 +235,7 @@ def test_sentencepiece_minimum_is_what_the_spec_says():
 
     import sentencepiece as spm
 
-    from mqa_repro.spec import MIN_VOCAB_SIZE
+    from mqa_repro.specfile import MIN_VOCAB_SIZE
 
     def train(v):
         spm.SentencePieceTrainer.train(sentence_iterator=iter(["a"] * 20), model_writer=io.BytesIO(),

@@ -6,7 +6,7 @@ import torch
 
 from mqa_repro.model import BOS, PAD, Transformer
 from mqa_repro.optim import build_optimizer, lr_at, set_implementation
-from mqa_repro.spec import apply_overrides, load_spec
+from mqa_repro.specfile import apply_overrides, load_spec
 from mqa_repro.step import Batch, StepOptions, TrainStep, pad_lengths
 
 from .conftest import TINY

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mqa_repro.spec import apply_overrides, load_spec
+from mqa_repro.specfile import apply_overrides, load_spec
 from mqa_repro.train import (NAN_ENV, BatchStream, collate, load_checkpoint, load_examples, open_prepared,
                              plan_epoch, read_log, train_variant)
 

@@ -142,8 +142,8 @@ def test_mistakes_are_one_sentence_and_leave_no_output(evaluated, tiny_data, tmp
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lm_run(shared_data, tmp_path_factory):
-    from mqa_repro.data import prepare
-    from mqa_repro.spec import load_spec
+    from mqa_repro.prepare import prepare
+    from mqa_repro.specfile import load_spec
     from mqa_repro.train import train_variant
 
     root = tmp_path_factory.mktemp("lm")

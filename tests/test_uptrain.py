@@ -11,7 +11,7 @@ import torch
 
 from mqa_repro.errors import UserError
 from mqa_repro.model import Transformer
-from mqa_repro.spec import load_spec
+from mqa_repro.specfile import load_spec
 from mqa_repro.train import corpus_nll, load_examples, open_prepared
 from mqa_repro.uptrain import convert_state, uptrain_run, uptrain_variant
 
