@@ -16,6 +16,11 @@ Checkpoints (``last.pt``, written to a temporary file and renamed) hold the mode
 schedule, every rank's RNG states, the data position (epoch, batch) and the resolved spec. Resuming
 restores all of them: on the CPU N steps + resume N steps gives bitwise the parameters of 2N steps.
 
+The loop is thin; its components live in their own modules: ``batching`` (examples, the plan of global
+batches, the prefetcher), ``step`` (one optimizer step, read one step late), ``checkpoint`` (files, RNG
+states, resume checks), ``distributed`` (the torchrun process group), ``trainlog`` (train_log.jsonl) and
+``perplexity`` (the dev evaluation). ``_train`` is the run's named steps on a ``_Run``.
+
 Test hook: the environment variable ``MQA_REPRO_INJECT_NAN_AT_STEP=K`` turns the loss of step K into NaN
 (to check that a diverging run stops cleanly and keeps its last good checkpoint).
 """
