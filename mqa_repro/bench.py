@@ -201,7 +201,7 @@ def load_checkpoint(path, spec_variants: list):
     ``evaluate``), holds no weights, or holds weights that do not fit the variant's model.
     """
     from .spec import Variant
-    from .train import read_checkpoint_file
+    from .checkpoint import read_checkpoint_file
 
     ckpt = read_checkpoint_file(path)
     state = ckpt

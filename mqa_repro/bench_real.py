@@ -71,7 +71,7 @@ class Sentences:
 
 def load_sentences(variant, data, stem: Optional[str], limit: Optional[int]) -> Sentences:
     """The source ids and reference lengths of a prepared test split (UserError if missing)."""
-    from .train import load_examples, open_prepared
+    from .batching import load_examples, open_prepared
 
     prepared = open_prepared(variant, data)
     stem = stem or (variant.data.test[0] if variant.data.test else None)

@@ -38,8 +38,9 @@ from .errors import UserError
 from .provenance import manifest, now, write_json_atomic
 from .runtime import Progress, resolve_device
 from .textio import as_sacrebleu_cli_reads, one_line, write_lines
-from .train import (Examples, corpus_nll, load_checkpoint, load_examples, model_from_checkpoint,
-                    open_prepared, data_fingerprint)
+from .batching import Examples, data_fingerprint, load_examples, open_prepared
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .perplexity import corpus_nll
 
 
 def _say(text: str, enabled: bool) -> None:
@@ -183,7 +184,7 @@ def evaluate_run(run_dir, splits=("dev", "test"), beams: Optional[list] = None, 
 
 def _evaluate_run(run_dir, splits, beams, batch_size, device, data, checkpoint, progress, variant) -> dict:
     from .spec import Variant
-    from .train import checkpoint_training_hash
+    from .checkpoint import checkpoint_training_hash
 
     man = _read_manifest(run_dir)
     ckpt_path = Path(checkpoint) if checkpoint else Path(man.get("checkpoint", ""))

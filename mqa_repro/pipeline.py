@@ -41,7 +41,7 @@ def _read(path: Path) -> Optional[dict]:
 
 
 def training_done(run_dir: Path, variant) -> bool:
-    from .train import manifest_training_hash
+    from .checkpoint import manifest_training_hash
 
     man = _read(run_dir / "manifest.json")
     return bool(isinstance(man, dict) and man.get("status") == "finished"
@@ -161,7 +161,8 @@ def run_pipeline(spec: Spec, *, stages=STAGES, variants: Optional[list] = None, 
     runs = [(v, chosen[0].training.seed + s) for v in chosen for s in range(seeds)]
 
     if "train" in stages:
-        from .train import checkpoint_dir, run_dir, train_variant, CHECKPOINT_NAME
+        from .checkpoint import CHECKPOINT_NAME, checkpoint_dir, run_dir
+        from .train import train_variant
 
         todo = []
         for v, seed in runs:
@@ -182,7 +183,7 @@ def run_pipeline(spec: Spec, *, stages=STAGES, variants: Optional[list] = None, 
 
     if "evaluate" in stages:
         from .evaluate import evaluate_run
-        from .train import run_dir
+        from .checkpoint import run_dir
 
         for v, seed in runs:
             rd = run_dir(v, seed, results)

@@ -254,7 +254,7 @@ def _data_label(r: Run) -> str:
 
 
 def _last_logged_step(run_dir: Path) -> Optional[int]:
-    from .train import read_log
+    from .trainlog import read_log
 
     try:
         steps = [r.get("step") for r in read_log(run_dir / "train_log.jsonl")]

@@ -60,7 +60,7 @@ class StepOptions:
 @dataclass
 class Batch:
     """One (micro-)batch of token ids: decoder input / target ids and segment ids (0 = PAD), and for an
-    encoder-decoder the source ids and segment ids. Made by ``train.collate`` or by decode-bench."""
+    encoder-decoder the source ids and segment ids. Made by ``batching.collate`` or by decode-bench."""
 
     tgt_in_BT: torch.Tensor
     tgt_out_BT: torch.Tensor
@@ -91,7 +91,7 @@ def _round_up(n: int, k: int) -> int:
 
 
 def pad_lengths(batch, multiple: int):
-    """``batch`` (a train.Batch: tgt_in_BT, tgt_out_BT, tgt_seg_BT, src_BS, src_seg_BS) with T and S padded
+    """``batch`` (a Batch: tgt_in_BT, tgt_out_BT, tgt_seg_BT, src_BS, src_seg_BS) with T and S padded
     up to a multiple of ``multiple`` (PAD ids, segment 0). Padding never changes the loss: PAD targets are
     masked and segment ids keep real tokens from attending to padding."""
     if multiple <= 1:

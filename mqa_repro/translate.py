@@ -117,7 +117,9 @@ def load_for_inference(target, device="auto", dtype: str = "fp32", data: Optiona
     checkpoint was trained on.
     """
     from .data import prepared_dir
-    from .train import data_fingerprint, load_checkpoint, model_from_checkpoint, open_prepared, resolve_device
+    from .batching import data_fingerprint, open_prepared
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .runtime import resolve_device
 
     target = Path(target)
     man = {}
@@ -273,7 +275,8 @@ def run(target, input: str = "-", output: str = "-", *, command: str = "translat
 
     ``command`` is "translate" (encoder-decoder models) or "generate" (decoder-only). Errors are UserErrors.
     """
-    from .train import init_distributed, resolve_device
+    from .distributed import init_distributed
+    from .runtime import resolve_device
 
     kind = {"translate": "encoder-decoder", "generate": "decoder-only"}[command]
     rank, world = _dist()

@@ -94,7 +94,8 @@ def uptrain_run(run_dir, kv_heads: int, *, method: str = "mean", fraction: Optio
                 out_root="results", checkpoint_root="checkpoints", data: Optional[Path] = None,
                 progress: bool = True):
     """Convert the run's final checkpoint and train the result; returns the TrainResult."""
-    from .train import load_checkpoint, train_variant
+    from .checkpoint import load_checkpoint
+    from .train import train_variant
 
     run_dir = Path(run_dir)
     man_path = run_dir / "manifest.json"
@@ -110,7 +111,7 @@ def uptrain_run(run_dir, kv_heads: int, *, method: str = "mean", fraction: Optio
                         f"uptrain where the run was trained)")
     ck = load_checkpoint(ck_path)
     source = Variant.from_dict(ck["spec"], source=str(ck_path))
-    from .train import checkpoint_training_hash, manifest_training_hash
+    from .checkpoint import checkpoint_training_hash, manifest_training_hash
 
     # the manifest's evaluation settings may be newer than the checkpoint's: what training made must match
     if checkpoint_training_hash(ck) != manifest_training_hash(man) or ck["step"] != source.training.steps:

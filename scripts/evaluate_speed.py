@@ -30,8 +30,8 @@ from mqa_repro.evaluate import bleu_scores, translate  # noqa: E402
 from mqa_repro.model import EOS  # noqa: E402
 from mqa_repro.provenance import manifest, write_json_atomic  # noqa: E402
 from mqa_repro.runtime import resolve_device  # noqa: E402
-from mqa_repro.train import (Examples, collate, load_checkpoint, load_examples, model_from_checkpoint,  # noqa: E402
-                             open_prepared)
+from mqa_repro.batching import Examples, collate, load_examples, open_prepared  # noqa: E402
+from mqa_repro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from tests import oracle  # noqa: E402
 
 

@@ -27,9 +27,10 @@ def length_penalty(length, alpha: float):
 def _prefill(model, state, prompt, rows):
     """Feed BOS + prompt[:-1] (positions 0 .. P-1); returns (first input token [rows], its position)."""
     ids = [BOS] + [int(x) for x in (prompt if prompt is not None else [])]
+    dev = model.embed.weight.device
     for pos, tok in enumerate(ids[:-1]):
-        model.decode_step(torch.full((rows,), tok, dtype=torch.long), pos, state)
-    return torch.full((rows,), ids[-1], dtype=torch.long), len(ids) - 1
+        model.decode_step(torch.full((rows,), tok, dtype=torch.long, device=dev), pos, state)
+    return torch.full((rows,), ids[-1], dtype=torch.long, device=dev), len(ids) - 1
 
 
 @torch.no_grad()

@@ -119,7 +119,8 @@ def check_engine_equals_reference_path(checkpoint, data, n=40) -> None:
 
     from mqa_repro.evaluate import translate
     from mqa_repro.model import EOS, PAD
-    from mqa_repro.train import load_checkpoint, load_examples, model_from_checkpoint, open_prepared
+    from mqa_repro.batching import load_examples, open_prepared
+    from mqa_repro.checkpoint import load_checkpoint, model_from_checkpoint
 
     from .oracle import beam_search, greedy, strip
 

@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 
 from mqa_repro import train as train_mod
+from mqa_repro.checkpoint import checkpoint_training_hash, load_checkpoint, run_dir
 from mqa_repro.errors import UserError
 from mqa_repro.evaluate import evaluate_run, missing_scores
 from mqa_repro.pipeline import evaluation_done, training_done
 from mqa_repro.report import report
 from mqa_repro.runlock import own
 from mqa_repro.specfile import apply_overrides, load_spec
-from mqa_repro.train import (NAN_ENV, TrainingDiverged, TrainingInterrupted, load_checkpoint, read_log,
-                             run_dir, train_variant)
+from mqa_repro.train import NAN_ENV, TrainingDiverged, TrainingInterrupted, train_variant
+from mqa_repro.trainlog import read_log
 
 from .conftest import ROOT, TINY
 
@@ -194,7 +195,7 @@ def test_evaluation_settings_do_not_block_resume(tiny_data, tmp_path):
     assert ck["spec_hash"] == v.hash and ck["training_hash"] == v.training_hash
     # An older checkpoint without a training hash: recomputed from its spec.
     del ck["training_hash"]
-    assert train_mod.checkpoint_training_hash(ck) == v.training_hash
+    assert checkpoint_training_hash(ck) == v.training_hash
     # What training depends on still has to match.
     more = tiny(*SHORT[1:], "training.steps=6", "training.lr=0.01")
     with pytest.raises(UserError, match=r"different spec \(differs in training.lr, training.steps\)"):

@@ -147,7 +147,7 @@ def test_a_checkpoint_on_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path
 
     import torch
 
-    from mqa_repro import train
+    from mqa_repro.checkpoint import save_checkpoint
 
     real_open = builtins.open
 
@@ -156,6 +156,6 @@ def test_a_checkpoint_on_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path
 
     monkeypatch.setattr(builtins, "open", full_disk)
     with pytest.raises(OutputError, match=f"cannot write {tmp_path / 'last.pt'}: .*(No space|write)"):
-        train.save_checkpoint(tmp_path / "last.pt", {"w": torch.zeros(256, 256)})
+        save_checkpoint(tmp_path / "last.pt", {"w": torch.zeros(256, 256)})
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []

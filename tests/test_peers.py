@@ -10,7 +10,8 @@ from mqa_repro.errors import UserError
 from mqa_repro.model import Transformer
 from mqa_repro.peers import CT2Model, ct2_spec, ct2_vocabulary, synthetic_vocabulary
 from mqa_repro.specfile import load_spec
-from mqa_repro.train import load_checkpoint, load_examples, model_from_checkpoint, open_prepared
+from mqa_repro.batching import load_examples, open_prepared
+from mqa_repro.checkpoint import load_checkpoint, model_from_checkpoint
 
 from .conftest import TINY
 

@@ -19,13 +19,14 @@ import torch
 import yaml
 
 from mqa_repro import textio
+from mqa_repro.batching import load_examples
+from mqa_repro.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from mqa_repro.data import load_prepared
 from mqa_repro.prepare import prepare
 from mqa_repro.evaluate import bleu_scores, evaluate_run, translate
 from mqa_repro.report import build_tables, collect
 from mqa_repro.tables import MISSING
 from mqa_repro.specfile import load_spec
-from mqa_repro.train import load_checkpoint, load_examples, model_from_checkpoint, save_checkpoint
 
 from .conftest import ROOT, TINY
 

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from mqa_repro.batching import BatchStream, collate, load_examples, open_prepared, plan_epoch
+from mqa_repro.checkpoint import load_checkpoint
 from mqa_repro.specfile import apply_overrides, load_spec
-from mqa_repro.train import (NAN_ENV, BatchStream, collate, load_checkpoint, load_examples, open_prepared,
-                             plan_epoch, read_log, train_variant)
+from mqa_repro.train import NAN_ENV, train_variant
+from mqa_repro.trainlog import read_log
 
 from .conftest import ROOT, TINY
 

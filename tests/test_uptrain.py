@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
+from mqa_repro.batching import load_examples, open_prepared
 from mqa_repro.errors import UserError
 from mqa_repro.model import Transformer
+from mqa_repro.perplexity import corpus_nll
 from mqa_repro.specfile import load_spec
-from mqa_repro.train import corpus_nll, load_examples, open_prepared
 from mqa_repro.uptrain import convert_state, uptrain_run, uptrain_variant
 
 from .conftest import ROOT, TINY
@@ -85,7 +86,7 @@ def test_uptrain_run_trains_and_records_its_source(tiny_run, tiny_data, tmp_path
 
     # Mean-pooling keeps most of what the model learned: before any uptraining its dev loss is far below
     # that of the same shape with fresh key/value projections.
-    from mqa_repro.train import load_checkpoint
+    from mqa_repro.checkpoint import load_checkpoint
     ck = load_checkpoint(tiny_run.checkpoint)
     dev = load_examples(open_prepared(target, tiny_data), target, target.data.dev, limit=200)
 
