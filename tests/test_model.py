@@ -231,13 +231,11 @@ def test_derived_quantities_of_the_spec_are_what_the_model_holds(row, kind):
                                       "o": a.o_proj.weight.numel()}
     assert spec.group_size == a.group_size == spec.n_heads // spec.n_kv_heads
     for length in (1, 2, 3, 5, 40):
-        state = m.start_decoding(4, length, beam=1, src_BS=source() if spec.is_seq2seq else None)
-        cache = state.self_kv[0]
+        cache = m.start_decoding(4, length, beam=1, src_BS=source() if spec.is_seq2seq else None)
         assert cache.slots == spec.cache_slots(length) <= length
-        per_position = (cache.k_NGTK[0, :, 0].numel() + cache.v_NGTV[0, :, 0].numel())
-        assert per_position == spec.kv_values_per_position
-        if state.cross_kv is not None:
-            cross = state.cross_kv[0]
-            assert cross.k_BGSK[0, :, 0].numel() + cross.v_BGSV[0, :, 0].numel() == spec.kv_values_per_position
+        assert cache.self_TNGC[0][0, 0].numel() == spec.kv_values_per_position     # one slot of one row
+        assert (cache.cross_BSGC is not None) == spec.is_seq2seq
+        if cache.cross_BSGC is not None:
+            assert cache.cross_BSGC[0][0, 0].numel() == spec.kv_values_per_position
     if spec.window:
         assert spec.cache_slots(40) == spec.window

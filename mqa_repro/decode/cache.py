@@ -19,10 +19,7 @@ from typing import Optional
 
 import torch
 
-
-def cache_slots(window: Optional[int], length: int) -> int:
-    """Self-attention slots needed to decode ``length`` positions: min(window, length) for local attention."""
-    return min(window, length) if window else length
+from ..spec import cache_slots
 
 
 class DecodeCache:
