@@ -57,7 +57,11 @@ NAN_ENV = "MQA_REPRO_INJECT_NAN_AT_STEP"
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite at ``step``; the last good checkpoint is kept."""
+
+    def __init__(self, message: str, step: Optional[int] = None):
+        super().__init__(message)
+        self.step = step
 
 
 class TrainingInterrupted(UserError):
@@ -275,7 +279,10 @@ class _Run:
         status = ("interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt))
                   else "diverged" if isinstance(e, TrainingDiverged) else "failed")
         with contextlib.suppress(Exception):
-            self.write_manifest(status, self.saved_step, stopped_at_step=self.step,
+            # a diverged run's last good step is the one before the step whose loss was not finite (the steps
+            # queued after it, read one step late, do not count)
+            last_good = e.step - 1 if isinstance(e, TrainingDiverged) and e.step is not None else self.step
+            self.write_manifest(status, self.saved_step, stopped_at_step=last_good,
                                 reason=str(e) or type(e).__name__, dev_ln_ppl=self.dev_ln_ppl)
 
     def record_end(self) -> None:
@@ -326,8 +333,11 @@ class _Run:
             pending = (step, lr, item.n_global, flops, batches.position["epoch"], stats)
             evaluating = step % t.eval_every == 0 or step == t.steps
             saving = step % t.checkpoint_every == 0 or step == end
-            if evaluating or saving or stop_votes or step == end:
-                stop_votes = self._read(pending) or stop_votes      # never save or evaluate an unread step
+            # one process needs no vote: its own signal flag stops it at once (under DDP the ranks agree
+            # through the vote in the step's all-reduced numbers, read one step late)
+            signalled = not self.d.on and stop.signum != 0
+            if evaluating or saving or stop_votes or signalled or step == end:
+                stop_votes = self._read(pending) or stop_votes or signalled  # never save an unread step
                 pending = None
             paused = time.perf_counter()
             if evaluating:
@@ -351,7 +361,7 @@ class _Run:
             kept = (f"the last good checkpoint (step {last}) is kept at {self.ckpt_path}" if last is not None
                     else "no checkpoint had been written yet")
             raise TrainingDiverged(f"training stopped at step {at}: the loss is "
-                                   f"{'NaN' if math.isnan(loss) else loss} (grad norm {gnorm}); {kept}")
+                                   f"{'NaN' if math.isnan(loss) else loss} (grad norm {gnorm}); {kept}", step=at)
         self.losses.append((at, loss))
         self.metrics.add(at, lr, n_global, flops, epoch, v)
         return v["stop"]
