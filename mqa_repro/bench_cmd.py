@@ -24,6 +24,16 @@ def _positive(pairs) -> None:
             raise UserError(f"{name} must be positive, got {min(xs)}")
 
 
+def _emit(format: str, doc: dict, csv_text, show) -> None:
+    """Print ``doc`` as JSON (format json), ``csv_text()`` (csv), or call ``show()`` for the table."""
+    if format == "json":
+        print(json.dumps(doc, indent=2, default=str))
+    elif format == "csv":
+        sys.stdout.write(csv_text())
+    else:
+        show()
+
+
 def decode_bench(spec: Path, variant=None, checkpoint: Optional[Path] = None, peer: Optional[str] = None,
                  real: bool = False, out_file: Optional[Path] = None, **options) -> None:
     """Load ``spec`` (its ``variant`` names, or the checkpoint's variant), check the shared options, then
@@ -83,12 +93,7 @@ def _fixed(spec, s, variants, state, peer, out_file, *, batch_size, src_len, tgt
             write_text_atomic(out_file, bench.to_csv(res))
         else:
             write_json_atomic(out_file, res)
-    if format == "json":
-        print(json.dumps(res, indent=2, default=str))
-    elif format == "csv":
-        sys.stdout.write(bench.to_csv(res))
-    else:
-        show_bench(res, s.name)
+    _emit(format, res, lambda: bench.to_csv(res), lambda: show_bench(res, s.name))
 
 
 def _real(spec, s, variants, state, peer, out_file, *, beam, device, dtype, repeats, format, test_set, data,
@@ -148,9 +153,5 @@ def cost_model(spec: Path, variant, device: Optional[str], bandwidth: Optional[f
     doc = cm.to_document(res, variants, spec_path=str(spec)) if (out_file or format == "json") else None
     if out_file is not None:
         write_json_atomic(out_file, doc)
-    if format == "json":
-        print(json.dumps(doc, indent=2, default=str))
-    elif format == "csv":
-        sys.stdout.write(cm.to_csv(res))
-    else:
-        show_cost_model(res, s.name, dev, variants[0].model.is_seq2seq, src_len, beam, chips)
+    _emit(format, doc, lambda: cm.to_csv(res),
+          lambda: show_cost_model(res, s.name, dev, variants[0].model.is_seq2seq, src_len, beam, chips))

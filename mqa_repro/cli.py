@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .console import err, out
+from .console import err, show_trained
 from .errors import UserError
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ BenchFormat = _choices("BenchFormat", "table", "json", "csv")
 BenchDtype = _choices("BenchDtype", "bf16", "fp32")
 Sweep = _choices("Sweep", "batch", "length")
 ReportFormat = _choices("ReportFormat", "md", "csv", "json", "latex")
+_DEVICE = typer.Option(Device.auto, "--device", help="auto, cpu or cuda.")   # evaluate, translate, ... run
 
 
 @app.callback()
@@ -152,9 +153,7 @@ def train(
                           checkpoint_root=ckpt_root, data=data, stop_after=stop_after,
                           step_options=StepOptions(compile=compile_, fused_optimizer=fused))
         if main_rank:
-            ppl = f"{r.dev_ln_ppl:.4f}" if r.dev_ln_ppl is not None else "-"
-            out.print(f"{v.spec_name}/{v.name}: step {r.step}, dev ln(ppl) {ppl}; results in {r.run_dir}, "
-                      f"checkpoint {r.checkpoint}", highlight=False)
+            show_trained(f"{v.spec_name}/{v.name}", r)
 
 
 @app.command()
@@ -190,11 +189,7 @@ def uptrain(
     r, target = uptrain_run(run_dir, kv_heads, method=method, fraction=fraction, steps=steps, seed=seed,
                             device=device.value, resume=resume, out_root=out_root, checkpoint_root=ckpt_root,
                             data=data)
-    ppl = f"{r.dev_ln_ppl:.4f}" if r.dev_ln_ppl is not None else "-"
-    out.print(f"{target.spec_name}/{target.name}: step {r.step}, dev ln(ppl) {ppl}; results in {r.run_dir}, "
-              f"checkpoint {r.checkpoint}", highlight=False)
-
-
+    show_trained(f"{target.spec_name}/{target.name}", r)
 
 
 @app.command()
@@ -205,7 +200,7 @@ def evaluate(
                                              "default evaluation.beams; 1 is greedy). Dev is always greedy."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sentences per decoding batch "
                                              "(default evaluation.batch_size)."),
-    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    device: Device = _DEVICE,
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared data (default: the one the run trained on)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint file (default: the one "
                                               "named in the run's manifest.json)."),
@@ -237,18 +232,19 @@ def evaluate(
 _TARGET_HELP = ("A run directory written by train (its manifest.json names the checkpoint and the prepared data "
                 "whose SentencePiece model is used) or a checkpoint file (prepared data: --data, else "
                 "data/<spec name>).")
+_TARGET = typer.Argument(..., help=_TARGET_HELP)
+_TRANSLATE_BEAM_HELP = "Beam size (1 = greedy); beams use the spec's evaluation.length_penalty and decode limit."
 
 
 @app.command()
 def translate(
-    target: Path = typer.Argument(..., help=_TARGET_HELP),
+    target: Path = _TARGET,
     input: str = typer.Option("-", "--input", "-i", help="Source text, one sentence per line (- for stdin)."),
     output: str = typer.Option("-", "--output", "-o", help="Translations, one line per input line (- for stdout)."),
-    beam: int = typer.Option(1, "--beam", help="Beam size (1 = greedy); beams use the spec's "
-                             "evaluation.length_penalty and decode limit."),
+    beam: int = typer.Option(1, "--beam", help=_TRANSLATE_BEAM_HELP),
     batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Source tokens per decoding batch (sentences "
                                      "are bucketed by length under this budget)."),
-    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    device: Device = _DEVICE,
     dtype: InferDtype = typer.Option(InferDtype.fp32, "--dtype", help="fp32 (what evaluate decodes in) or bf16."),
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared data holding the SentencePiece model "
                                         "(default: the run's)."),
@@ -269,7 +265,7 @@ def translate(
 
 @app.command()
 def generate(
-    target: Path = typer.Argument(..., help=_TARGET_HELP),
+    target: Path = _TARGET,
     input: str = typer.Option("-", "--input", "-i", help="Prompts, one per line (- for stdin)."),
     output: str = typer.Option("-", "--output", "-o", help="Continuations, one line per prompt (- for stdout)."),
     beam: int = typer.Option(1, "--beam", help="Beam size (1 = greedy), with the spec's "
@@ -277,7 +273,7 @@ def generate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Subwords generated per prompt at most "
                                        "(fewer where the model's positions run out; EOS ends a continuation)."),
     batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Prompt tokens per decoding batch."),
-    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    device: Device = _DEVICE,
     dtype: InferDtype = typer.Option(InferDtype.fp32, "--dtype", help="fp32 or bf16."),
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared data holding the SentencePiece model "
                                         "(default: the run's)."),
@@ -307,7 +303,7 @@ def decode_bench(
     tgt_len: Optional[int] = typer.Option(None, "--tgt-len", help="Decoded tokens, EOS ignored (default benchmark.tgt_len)."),
     beam: Optional[List[int]] = typer.Option(None, "--beam", help="Beam sizes (repeatable; 1 = greedy; default "
                                              "benchmark.beams)."),
-    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    device: Device = _DEVICE,
     dtype: Optional[BenchDtype] = typer.Option(None, "--dtype", help="bf16 or fp32 (default benchmark.dtype)."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed runs per measurement (median reported)."),
     format: BenchFormat = typer.Option(BenchFormat.table, "--format", "-f", help="table, json or csv."),
@@ -448,7 +444,7 @@ def run(
     seeds: int = typer.Option(1, "--seeds", help="Seeds per variant: training.seed, training.seed + 1, ..."),
     jobs: int = typer.Option(1, "--jobs", help="Train this many runs at once (separate processes; small models "
                              "share one GPU well)."),
-    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    device: Device = _DEVICE,
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local corpora (default: $MQA_REPRO_DATA, "
                                             "else ../shared/data)."),
     results_dir: Path = typer.Option(Path("results"), "--results", help="Results root."),

@@ -31,6 +31,13 @@ def _table(title: str, columns, rows, left=("variant",), caption=None) -> None:
     out.print(t)
 
 
+def show_trained(name: str, r) -> None:
+    """``train`` / ``uptrain``: one line for the run ``name`` (spec/variant) from ``r`` (``train.TrainResult``)."""
+    ppl = f"{r.dev_ln_ppl:.4f}" if r.dev_ln_ppl is not None else "-"
+    out.print(f"{name}: step {r.step}, dev ln(ppl) {ppl}; results in {r.run_dir}, checkpoint {r.checkpoint}",
+              highlight=False)
+
+
 def show_describe(s, rows: list) -> None:
     """``describe``: one line per variant of spec ``s`` (``spec.describe_rows``)."""
     cols = [("variant", "variant"), ("h", "n_heads"), ("kv", "n_kv_heads"), ("d_k", "d_k"),
