@@ -13,8 +13,6 @@ measurement and say so (file, device, date), ``--refresh-ceilings`` measures aga
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
@@ -500,21 +498,3 @@ def summarize(rows: list) -> dict:
         out["multi_head_over_multi_query_decoder"] = mh["us_per_token"] / mq["us_per_token"]
         out["multi_head_over_multi_query_decoder_noisy"] = is_noisy(mh) or is_noisy(mq)
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------------
-CSV_FIELDS = ["variant", "measure", "beam", "batch", "src_len", "tgt_len", "dtype", "us_per_token",
-              "us_per_token_min", "us_per_token_max", "us_per_hyp_token", "bound_us_per_token", "x_bound",
-              "mbu", "mfu", "kv_cache_bytes", "kv_bytes_moved", "bytes", "flops", "median_s", "repeats", "sweep",
-              "spread", "noisy"]
-
-
-def to_csv(res: dict) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in res["rows"]:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
-    return buf.getvalue()

@@ -7,7 +7,9 @@ Raises :class:`~mqa_repro.errors.UserError` for an option out of range, naming t
 """
 from __future__ import annotations
 
+import csv
 import importlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -90,10 +92,10 @@ def _fixed(spec, s, variants, state, peer, out_file, *, batch_size, src_len, tgt
                           refresh_ceilings=refresh_ceilings)
     if out_file is not None:
         if out_file.suffix == ".csv":
-            write_text_atomic(out_file, bench.to_csv(res))
+            write_text_atomic(out_file, to_csv(res))
         else:
             write_json_atomic(out_file, res)
-    _emit(format, res, lambda: bench.to_csv(res), lambda: show_bench(res, s.name))
+    _emit(format, res, lambda: to_csv(res), lambda: show_bench(res, s.name))
 
 
 def _real(spec, s, variants, state, peer, out_file, *, beam, device, dtype, repeats, format, test_set, data,
@@ -155,3 +157,19 @@ def cost_model(spec: Path, variant, device: Optional[str], bandwidth: Optional[f
         write_json_atomic(out_file, doc)
     _emit(format, doc, lambda: cm.to_csv(res),
           lambda: show_cost_model(res, s.name, dev, variants[0].model.is_seq2seq, src_len, beam, chips))
+
+
+CSV_FIELDS = ["variant", "measure", "beam", "batch", "src_len", "tgt_len", "dtype", "us_per_token",
+              "us_per_token_min", "us_per_token_max", "us_per_hyp_token", "bound_us_per_token", "x_bound",
+              "mbu", "mfu", "kv_cache_bytes", "kv_bytes_moved", "bytes", "flops", "median_s", "repeats", "sweep",
+              "spread", "noisy"]
+
+
+def to_csv(res: dict) -> str:
+    """The rows of a decode-bench result ``res`` as CSV (the columns of ``CSV_FIELDS``)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in res["rows"]:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+    return buf.getvalue()
