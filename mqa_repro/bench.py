@@ -13,8 +13,6 @@ measurement and say so (file, device, date), ``--refresh-ceilings`` measures aga
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
@@ -500,45 +498,3 @@ def summarize(rows: list) -> dict:
         out["multi_head_over_multi_query_decoder"] = mh["us_per_token"] / mq["us_per_token"]
         out["multi_head_over_multi_query_decoder_noisy"] = is_noisy(mh) or is_noisy(mq)
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------------
-CSV_FIELDS = ["variant", "measure", "beam", "batch", "src_len", "tgt_len", "dtype", "us_per_token",
-              "us_per_token_min", "us_per_token_max", "us_per_hyp_token", "bound_us_per_token", "x_bound",
-              "mbu", "mfu", "kv_cache_bytes", "kv_bytes_moved", "bytes", "flops", "median_s", "repeats", "sweep",
-              "spread", "noisy"]
-
-
-def to_csv(res: dict) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in res["rows"]:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
-    return buf.getvalue()
-
-
-def _fmt(x, spec="{:.3g}"):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return spec.format(x)
-
-
-def table_rows(res: dict) -> list:
-    """Strings for the table: one list per row, the columns of ``TABLE_COLUMNS``."""
-    out = []
-    for r in res["rows"]:
-        name = r["measure"] if r["measure"] != "decoder" else ("greedy" if r["beam"] == 1 else f"beam {r['beam']}")
-        out.append([r["variant"], name, str(r["batch"]), f"{r['src_len']}/{r['tgt_len']}",
-                    _fmt(r["us_per_token"], "{:.4g}") + (" noisy" if is_noisy(r) else ""),
-                    f"{_fmt(r['us_per_token_min'], '{:.4g}')}-{_fmt(r['us_per_token_max'], '{:.4g}')}",
-                    _fmt(r["us_per_hyp_token"], "{:.4g}"), _fmt(r["bound_us_per_token"], "{:.4g}"),
-                    _fmt(r["x_bound"], "{:.2f}"), _fmt(r["mbu"], "{:.0%}"), _fmt(r["mfu"], "{:.0%}"),
-                    _fmt(r.get("kv_cache_bytes", 0) / 2**20 if r.get("kv_cache_bytes") else None, "{:.0f}")])
-    return out
-
-
-TABLE_COLUMNS = ["variant", "measure", "batch", "src/tgt", "us/token", "min-max", "us/hyp token", "bound us",
-                 "x bound", "MBU", "MFU", "KV MiB"]

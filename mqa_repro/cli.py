@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from .console import err, show_trained
 from .errors import UserError
 
 app = typer.Typer(
@@ -22,14 +21,23 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-# When piped, do not squeeze tables into 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
 
 
-class TableFormat(str, Enum):
-    table = "table"
-    json = "json"
+def _choices(name: str, *values: str) -> type:
+    """A str Enum of ``values`` (each member named as its value): Typer shows and checks them as choices."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+TableFormat = _choices("TableFormat", "table", "json")
+DataSource = _choices("DataSource", "auto", "local", "hub")
+Device = _choices("Device", "auto", "cpu", "cuda")
+Split = _choices("Split", "dev", "test")
+InferDtype = _choices("InferDtype", "fp32", "bf16")
+BenchFormat = _choices("BenchFormat", "table", "json", "csv")
+BenchDtype = _choices("BenchDtype", "bf16", "fp32")
+Sweep = _choices("Sweep", "batch", "length")
+ReportFormat = _choices("ReportFormat", "md", "csv", "json", "latex")
+_DEVICE = typer.Option(Device.auto, "--device", help="auto, cpu or cuda.")   # evaluate, translate, ... run
 
 
 @app.callback()
@@ -45,6 +53,7 @@ def describe(
 ):
     """Validate a spec and list its variants: heads, K/V heads, d_k, d_v, d_ff, window, parameters and
     key/value cache bytes per decoded token per sequence (bf16; self-attention and encoder-decoder apart)."""
+    from .console import show_describe
     from .spec import describe_rows
     from .specfile import load_spec
 
@@ -53,34 +62,10 @@ def describe(
     if format == TableFormat.json:
         print(json.dumps(rows, indent=2))
         return
-    t = Table(title=f"{s.name}: {s.description}" if s.description else s.name,
-              caption="h: query heads, kv: key/value heads; KV cache bytes per sequence in bf16")
-    cols = [("variant", "variant"), ("h", "n_heads"), ("kv", "n_kv_heads"), ("d_k", "d_k"),
-            ("d_v", "d_v"), ("d_ff", "d_ff"), ("window", "window"), ("params", "params"),
-            ("KV self B/tok", "kv_self_bytes_per_token"), ("KV cross B/src", "kv_cross_bytes_per_source_token")]
-    for title, _ in cols:
-        t.add_column(title, justify="left" if title == "variant" else "right")
-    for r in rows:
-        cells = []
-        for title, key in cols:
-            v = r[key]
-            if key == "params":
-                cells.append(f"{v / 1e6:.2f}M")
-            elif v is None:
-                cells.append("-")
-            else:
-                cells.append(str(v))
-        t.add_row(*cells)
-    out.print(t)
+    show_describe(s, rows)
 
 
 # --------------------------------------------------------------------------------------------------
-class DataSource(str, Enum):
-    auto = "auto"
-    local = "local"
-    hub = "hub"
-
-
 @app.command()
 def prepare(
     spec: Path = typer.Argument(..., help="Experiment spec (YAML); its data section is shared by all variants."),
@@ -98,6 +83,7 @@ def prepare(
     """Turn a spec's corpus into training data: one SentencePiece model shared by source and target, token
     arrays with offsets per split and side, the raw dev/test text, and manifest.json (sha256 of every source
     file, counts, hashes). Re-running with unchanged sources and data section does nothing."""
+    from .console import show_prepared
     from .prepare import prepare as prepare_data
     from .provenance import check_writable
     from .specfile import load_spec
@@ -105,39 +91,13 @@ def prepare(
     if out_dir is not None:
         check_writable(out_dir, "dir", "--out")
     r = prepare_data(load_spec(spec), data_dir=data_dir, out=out_dir, source=source.value, force=force)
-    m = r.manifest
     if format == TableFormat.json:
-        print(json.dumps({"path": str(r.path), "up_to_date": r.up_to_date, "manifest": m}, indent=2))
+        print(json.dumps({"path": str(r.path), "up_to_date": r.up_to_date, "manifest": r.manifest}, indent=2))
         return
-    if r.up_to_date:
-        for note in r.notes:
-            err.print(note, highlight=False)
-        out.print(f"{r.path} is up to date (same sources and data section); nothing to do "
-                  f"({r.seconds:.2f} s; --force prepares again).", highlight=False)
-        return
-    src = m["source"]
-    where = f"{src['data_dir']}/{src['corpus']}" if src["kind"] == "local" else f"datasets hub {src['path']}"
-    t = Table(title=f"{m['spec_name']}: {r.path} from {where}",
-              caption=f"SentencePiece {m['spm']['model_type']}, {m['spm']['pieces']} pieces "
-                      f"(sha256 {m['spm']['sha256'][:12]}), at most {m['max_ids']} ids per example; "
-                      f"{m['seconds']:.1f} s")
-    for title in ("split", "role", "lines", "blank", "examples", *(f"tokens {s}" for s in m["sides"]),
-                  "over max", "handled"):
-        t.add_column(title, justify="left" if title in ("split", "role", "handled") else "right")
-    for stem, s in m["splits"].items():
-        handled = "-" if not s["over_max"] else f"{s['policy']}d" if s["policy"] != "split" else "split"
-        t.add_row(stem, s["role"], f"{s['lines']:,}", f"{s.get('blank_dropped', 0):,}", f"{s['examples']:,}",
-                  *(f"{s['sides'][side]['token_count']:,}" for side in m["sides"]), f"{s['over_max']:,}", handled)
-    out.print(t)
+    show_prepared(r)
 
 
 # --------------------------------------------------------------------------------------------------
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
 @app.command()
 def train(
     spec: Path = typer.Argument(..., help="Experiment spec (YAML), e.g. experiments/tiny.yaml."),
@@ -193,9 +153,7 @@ def train(
                           checkpoint_root=ckpt_root, data=data, stop_after=stop_after,
                           step_options=StepOptions(compile=compile_, fused_optimizer=fused))
         if main_rank:
-            ppl = f"{r.dev_ln_ppl:.4f}" if r.dev_ln_ppl is not None else "-"
-            out.print(f"{v.spec_name}/{v.name}: step {r.step}, dev ln(ppl) {ppl}; results in {r.run_dir}, "
-                      f"checkpoint {r.checkpoint}", highlight=False)
+            show_trained(f"{v.spec_name}/{v.name}", r)
 
 
 @app.command()
@@ -231,14 +189,7 @@ def uptrain(
     r, target = uptrain_run(run_dir, kv_heads, method=method, fraction=fraction, steps=steps, seed=seed,
                             device=device.value, resume=resume, out_root=out_root, checkpoint_root=ckpt_root,
                             data=data)
-    ppl = f"{r.dev_ln_ppl:.4f}" if r.dev_ln_ppl is not None else "-"
-    out.print(f"{target.spec_name}/{target.name}: step {r.step}, dev ln(ppl) {ppl}; results in {r.run_dir}, "
-              f"checkpoint {r.checkpoint}", highlight=False)
-
-
-class Split(str, Enum):
-    dev = "dev"
-    test = "test"
+    show_trained(f"{target.spec_name}/{target.name}", r)
 
 
 @app.command()
@@ -249,7 +200,7 @@ def evaluate(
                                              "default evaluation.beams; 1 is greedy). Dev is always greedy."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sentences per decoding batch "
                                              "(default evaluation.batch_size)."),
-    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    device: Device = _DEVICE,
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared data (default: the one the run trained on)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint file (default: the one "
                                               "named in the run's manifest.json)."),
@@ -258,6 +209,7 @@ def evaluate(
     """Perplexity and BLEU of a trained run, the paper's protocol: dev ln(perplexity) per subword, sacrebleu
     BLEU (intl and 13a, with signatures) greedy on dev and beam 1 / beam 4 on each test set; LMs: perplexity
     per subword and per word. Writes metrics.json, hyp.<split>.beam<k>.txt, ref.<split>.txt, manifest.json."""
+    from .console import show_metrics
     from .evaluate import evaluate_run
     from .provenance import check_writable
 
@@ -273,39 +225,26 @@ def evaluate(
     if format == TableFormat.json:
         print(json.dumps(m, indent=2))
         return
-    t = Table(title=f"{m['spec']}/{m['variant']} seed {m['seed']}, checkpoint step {m['checkpoint_step']}")
-    for col in ("split", "metric", "value", "detail"):
-        t.add_column(col, justify="right" if col == "value" else "left")
-    for stem, p in m["perplexity"].items():
-        t.add_row(stem, "ln(ppl) per subword", f"{p['ln_ppl_per_subword']:.4f}", f"{p['subword_tokens']:,} tokens")
-        if "ppl_per_word" in p:
-            t.add_row(stem, "ppl per word", f"{p['ppl_per_word']:.2f}", f"{p['words']:,} words (EOS included)")
-    for b in m["bleu"]:
-        t.add_row(b["split"], f"BLEU {b['tokenizer']} beam {b['beam']}", f"{b['score']:.2f}", b["signature"])
-    out.print(t)
+    show_metrics(m)
 
 
 # --------------------------------------------------------------------------------------------------
-class InferDtype(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
 _TARGET_HELP = ("A run directory written by train (its manifest.json names the checkpoint and the prepared data "
                 "whose SentencePiece model is used) or a checkpoint file (prepared data: --data, else "
                 "data/<spec name>).")
+_TARGET = typer.Argument(..., help=_TARGET_HELP)
+_TRANSLATE_BEAM_HELP = "Beam size (1 = greedy); beams use the spec's evaluation.length_penalty and decode limit."
 
 
 @app.command()
 def translate(
-    target: Path = typer.Argument(..., help=_TARGET_HELP),
+    target: Path = _TARGET,
     input: str = typer.Option("-", "--input", "-i", help="Source text, one sentence per line (- for stdin)."),
     output: str = typer.Option("-", "--output", "-o", help="Translations, one line per input line (- for stdout)."),
-    beam: int = typer.Option(1, "--beam", help="Beam size (1 = greedy); beams use the spec's "
-                             "evaluation.length_penalty and decode limit."),
+    beam: int = typer.Option(1, "--beam", help=_TRANSLATE_BEAM_HELP),
     batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Source tokens per decoding batch (sentences "
                                      "are bucketed by length under this budget)."),
-    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    device: Device = _DEVICE,
     dtype: InferDtype = typer.Option(InferDtype.fp32, "--dtype", help="fp32 (what evaluate decodes in) or bf16."),
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared data holding the SentencePiece model "
                                         "(default: the run's)."),
@@ -326,7 +265,7 @@ def translate(
 
 @app.command()
 def generate(
-    target: Path = typer.Argument(..., help=_TARGET_HELP),
+    target: Path = _TARGET,
     input: str = typer.Option("-", "--input", "-i", help="Prompts, one per line (- for stdin)."),
     output: str = typer.Option("-", "--output", "-o", help="Continuations, one line per prompt (- for stdout)."),
     beam: int = typer.Option(1, "--beam", help="Beam size (1 = greedy), with the spec's "
@@ -334,7 +273,7 @@ def generate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Subwords generated per prompt at most "
                                        "(fewer where the model's positions run out; EOS ends a continuation)."),
     batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Prompt tokens per decoding batch."),
-    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    device: Device = _DEVICE,
     dtype: InferDtype = typer.Option(InferDtype.fp32, "--dtype", help="fp32 or bf16."),
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared data holding the SentencePiece model "
                                         "(default: the run's)."),
@@ -354,22 +293,6 @@ def generate(
 
 
 # --------------------------------------------------------------------------------------------------
-class BenchFormat(str, Enum):
-    table = "table"
-    json = "json"
-    csv = "csv"
-
-
-class BenchDtype(str, Enum):
-    bf16 = "bf16"
-    fp32 = "fp32"
-
-
-class Sweep(str, Enum):
-    batch = "batch"
-    length = "length"
-
-
 @app.command("decode-bench")
 def decode_bench(
     spec: Path = typer.Argument(..., help="Experiment spec (YAML), e.g. experiments/wmt14_ende.yaml."),
@@ -380,7 +303,7 @@ def decode_bench(
     tgt_len: Optional[int] = typer.Option(None, "--tgt-len", help="Decoded tokens, EOS ignored (default benchmark.tgt_len)."),
     beam: Optional[List[int]] = typer.Option(None, "--beam", help="Beam sizes (repeatable; 1 = greedy; default "
                                              "benchmark.beams)."),
-    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    device: Device = _DEVICE,
     dtype: Optional[BenchDtype] = typer.Option(None, "--dtype", help="bf16 or fp32 (default benchmark.dtype)."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed runs per measurement (median reported)."),
     format: BenchFormat = typer.Option(BenchFormat.table, "--format", "-f", help="table, json or csv."),
@@ -425,154 +348,15 @@ def decode_bench(
     """Table 2 on this device: training, encoder and decoder (greedy, beam) microseconds per output token for
     each variant, beside the roofline bound, MBU, MFU and KV-cache bytes; CUDA graphs on a GPU. With --real:
     throughput translating a real test set instead (see --real)."""
-    from . import bench
-    from .provenance import check_writable, write_json_atomic, write_text_atomic
-    from .runtime import resolve_device
-    from .specfile import load_spec
+    from .bench_cmd import decode_bench as run_decode_bench
 
-    s = load_spec(spec)
-    variants = s.select(variant)
-    if out_file is not None:
-        check_writable(out_file, "file", "--out")
-    state = None
-    if checkpoint is not None:
-        v, state = bench.load_checkpoint(checkpoint, variants)
-        variants = [v]
-    if peer not in (None, "hf", "ct2"):
-        raise UserError(f"--peer must be hf or ct2, got {peer!r}")
-    if peer == "ct2":
-        from .peers import _ct2
-
-        _ct2()
-    if real:
-        return _decode_bench_real(spec, s, variants, state, beam, device, dtype, repeats, format, out_file, peer,
-                                  test_set, data, max_sentences, sentences_per_batch, peer_threads, attention, tune)
-    if attention not in ("triton", "torch"):
-        raise UserError(f"--attention must be triton or torch, got {attention!r}")
-    for name, x in (("--batch-size", batch_size), ("--src-len", src_len), ("--tgt-len", tgt_len),
-                    ("--repeats", repeats)):
-        if x is not None and x < 1:
-            raise UserError(f"{name} must be positive, got {x}")
-    if beam and any(k < 1 for k in beam):
-        raise UserError(f"--beam must be a positive integer, got {min(beam)}")
-    if peer == "hf":
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            raise UserError("--peer hf needs Hugging Face transformers, which is not installed here "
-                            "(pip install transformers)") from None
-    dev = resolve_device(device.value)
-    cfg = bench.default_config(variants[0], dev, batch=batch_size, src_len=src_len, tgt_len=tgt_len,
-                               beams=sorted(set(beam)) if beam else None, repeats=repeats,
-                               dtype=dtype.value if dtype else None, train=train, check=check,
-                               attention=attention, tune=tune, sweep=sweep.value if sweep else None,
-                               sweep_values=list(sweep_values) if sweep_values else None)
-    res = bench.run_bench(variants, cfg, state, peer, spec_path=str(spec),
-                          log=lambda msg: err.print(msg, highlight=False), refresh_ceilings=refresh_ceilings)
-    if out_file is not None:
-        if out_file.suffix == ".csv":
-            write_text_atomic(out_file, bench.to_csv(res))
-        else:
-            write_json_atomic(out_file, res)
-    if format == BenchFormat.json:
-        print(json.dumps(res, indent=2, default=str))
-        return
-    if format == BenchFormat.csv:
-        sys.stdout.write(bench.to_csv(res))
-        return
-    c = res["ceilings"]
-    t = Table(title=f"decode-bench {s.name} on {c['device']} ({cfg.dtype})",
-              caption=f"us per output token (time / batch / tgt_len, the paper's convention), median of "
-                      f"{cfg.repeats}; bound = roofline at {bench.significant(c['bandwidth_Bps'] / 1e12)} TB/s, "
-                      f"{bench.significant(c['peak_flops'] / 1e12)} TFLOP/s; noisy: repeats spread by more "
-                      f"than {bench.NOISY_SPREAD:.0%} of the median")
-    for col in bench.TABLE_COLUMNS:
-        t.add_column(col, justify="left" if col in ("variant", "measure") else "right")
-    for r in bench.table_rows(res):
-        t.add_row(*r)
-    out.print(t)
-    for r in res["rows"]:
-        if r["measure"] == "train" and r.get("tokens_per_s"):
-            mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
-            out.print(f"training step ({r['variant']}): {r['tokens_per_s']:.4g} target tokens/s{mfu}; the spec's "
-                      f"{r['projected_train_steps']} steps: {r['projected_train_s'] / 3600:.2f} h on this device",
-                      highlight=False)
-    for p in res["peers"]:
-        if p.get("peer") == "ct2":
-            if "skipped" in p:
-                out.print(f"peer ct2 ({p['variant']}): skipped: {p['skipped']}", highlight=False)
-                continue
-            form = f", multi-query form {p['mqa_form']}" if p.get("mqa_form") else ""
-            search = "greedy" if p["beam"] == 1 else f"beam {p['beam']}"
-            out.print(f"peer ct2 ({p['variant']}{form}, {search}, {p['device']} {p['compute_type']}): "
-                      f"{p['us_per_token']:.3g} us/token, {p.get('ratio_ct2_over_ours', float('nan')):.3g}x our "
-                      f"time (encoder + decoder, same weights and shape)", highlight=False)
-        elif "ratio_hf_over_ours" in p:
-            out.print(f"peer hf ({p['variant']}): {p['us_per_token']:.3g} us/token, "
-                      f"{p['ratio_hf_over_ours']:.1f}x ours (encoder + greedy decoder)", highlight=False)
-        else:
-            out.print(f"peer hf: {p.get('skipped') or p.get('error')}", highlight=False)
-    summary = res["summary"]
-    if summary.get("noisy_rows"):
-        err.print(f"warning: {len(summary['noisy_rows'])} noisy rows (repeats spread by more than "
-                  f"{bench.NOISY_SPREAD:.0%} of the median; the machine was busy?): "
-                  f"{'; '.join(summary['noisy_rows'])}", highlight=False)
-    if summary.get("multi_head_over_multi_query_decoder"):
-        out.print(f"multi-head / multi-query greedy decoder: {summary['multi_head_over_multi_query_decoder']:.2f}x"
-                  + (" (from noisy rows: not to be trusted)" if summary.get("multi_head_over_multi_query_decoder_noisy")
-                     else ""), highlight=False)
-
-
-def _decode_bench_real(spec, s, variants, state, beam, device, dtype, repeats, format, out_file, peer, test_set,
-                       data, max_sentences, sentences_per_batch, peer_threads, attention, tune):
-    """decode-bench --real: parse, call bench_real.run_real_bench, print."""
-    from . import bench, bench_real
-    from .provenance import write_json_atomic
-    from .runtime import resolve_device
-
-    if peer == "hf":
-        raise UserError("--peer hf times fixed shapes only (Marian on random weights); use --peer ct2 with --real")
-    for name, xs in (("--max-sentences", [max_sentences] if max_sentences is not None else []),
-                     ("--sentences-per-batch", sentences_per_batch or []), ("--repeats", [repeats] if repeats else []),
-                     ("--beam", beam or [])):
-        if xs and min(xs) < 1:
-            raise UserError(f"{name} must be positive, got {min(xs)}")
-    dev = resolve_device(device.value)
-    v0 = variants[0]
-    cfg = bench_real.RealConfig(
-        device=dev.type, dtype=dtype.value if dtype else ("fp32" if dev.type == "cpu" else v0.benchmark.dtype),
-        beams=sorted(set(beam)) if beam else list(v0.benchmark.beams),
-        batches=list(dict.fromkeys(sentences_per_batch)) if sentences_per_batch else list(bench_real.DEFAULT_BATCHES),
-        repeats=repeats or min(v0.benchmark.repeats, 3), stem=test_set, max_sentences=max_sentences,
-        peer_threads=peer_threads)
-    res = bench_real.run_real_bench(variants, cfg, state, peer, data=data, spec_path=str(spec),
-                                    use_triton=(attention == "triton") if dev.type == "cuda" else None, tune=tune,
-                                    log=lambda msg: err.print(msg, highlight=False))
-    if out_file is not None:
-        write_json_atomic(out_file, res)
-    if format != BenchFormat.table:
-        if format == BenchFormat.csv:
-            raise UserError("--real writes table or json; --format csv is for the Table 2 rows")
-        print(json.dumps(res, indent=2, default=str))
-        return
-    ts = res["test_set"]
-    t = Table(title=f"decode-bench --real {s.name}: {ts['sentences']} sentences of {ts['stem']} on "
-                    f"{res['ceilings']['device']} ({cfg.dtype}), {res['weights']}",
-              caption="target tokens = decoder steps (subwords + EOS where emitted); us/token = median time / "
-                      "target tokens; encoder by the engine's clock, decoder = whole - encoder; bound = roofline of "
-                      "the work done; ours/ct2 = our target tokens/s over CTranslate2's")
-    for col in bench_real.TABLE_COLUMNS:
-        t.add_column(col, justify="left" if col in ("variant", "impl", "search") else "right")
-    for r in bench_real.table_rows(res):
-        t.add_row(*r)
-    out.print(t)
-    for p in res["peers"]:
-        if "skipped" in p:
-            out.print(f"peer ct2 ({p['variant']}): skipped: {p['skipped']}", highlight=False)
-        elif "method" in p:
-            note = f"; identical translations {p['identical_translations']:.1%}" if "identical_translations" in p else ""
-            out.print(f"ct2 {p['variant']} beam {p['beam']} x{p['batch_sentences']}: {p['method']}{note}",
-                      highlight=False)
+    run_decode_bench(spec, variant, checkpoint=checkpoint, peer=peer, real=real, out_file=out_file,
+                     batch_size=batch_size, src_len=src_len, tgt_len=tgt_len, beam=beam, device=device.value,
+                     dtype=dtype.value if dtype else None, repeats=repeats, format=format.value, attention=attention,
+                     tune=tune, train=train, check=check, sweep=sweep.value if sweep else None,
+                     sweep_values=sweep_values, refresh_ceilings=refresh_ceilings, test_set=test_set, data=data,
+                     max_sentences=max_sentences, sentences_per_batch=sentences_per_batch,
+                     peer_threads=peer_threads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -608,65 +392,13 @@ def cost_model(
     over bandwidth, FLOPs over peak), the bound that dominates, the batch where decoding turns compute-bound,
     K/V cache memory and the largest batch / context that fit, the paper's memory-to-arithmetic ratios, and
     on several chips the K/V cache sharded over heads versus over the batch."""
-    from . import costmodel as cm
-    from .provenance import check_writable, write_json_atomic
-    from .specfile import load_spec
+    from .bench_cmd import cost_model as run_cost_model
 
-    s = load_spec(spec)
-    variants = s.select(variant)
-    if out_file is not None:
-        check_writable(out_file, "file", "--out")
-    for name, xs in (("--batch", batch), ("--context", context), ("--beam", [beam]), ("--chips", [chips])):
-        if xs and min(xs) < 1:
-            raise UserError(f"{name} must be positive, got {min(xs)}")
-    if src_len is not None and src_len < 1:
-        raise UserError(f"--src-len must be positive, got {src_len}")
-    if src_len is not None and not variants[0].model.is_seq2seq:
-        raise UserError(f"--src-len applies to encoder-decoder models; {spec} is decoder-only")
-    dev = cm.device_preset(device, bandwidth, flops, memory_gb, refresh_ceilings,
-                           log=lambda msg: err.print(msg, highlight=False))
-    bench_cfg = variants[0].benchmark
-    res = cm.cost_model(variants, dev, sorted(set(batch or [bench_cfg.batch_size])),
-                        sorted(set(context or [bench_cfg.tgt_len])), src_len, beam, chips)
-    doc = cm.to_document(res, variants, spec_path=str(spec)) if (out_file or format == BenchFormat.json) else None
-    if out_file is not None:
-        write_json_atomic(out_file, doc)
-    if format == BenchFormat.json:
-        print(json.dumps(doc, indent=2, default=str))
-        return
-    if format == BenchFormat.csv:
-        sys.stdout.write(cm.to_csv(res))
-        return
-    mem = "?" if dev.memory_bytes is None else f"{dev.memory_bytes / 1e9:.4g} GB"
-    src_note = "" if not variants[0].model.is_seq2seq else f", source {src_len or '= context'}"
-    tables = [(f"cost-model {s.name} on {dev.device}: {dev.bandwidth_Bps / 1e12:.3g} TB/s, "
-               f"{dev.peak_flops / 1e12:.4g} TFLOP/s, {mem}", cm.DECODE_COLUMNS, cm.decode_table_rows(res),
-               f"one decoder step attending `context` positions{src_note}, beam {beam}, bf16; "
-               f"us/token = step / batch; {dev.source}"),
-              ("memory-to-arithmetic per step (Shazeer 2019)", cm.RATIO_COLUMNS, cm.ratio_table_rows(res),
-               "paper: the Θ expression evaluated (d = d_model, h = heads, g = K/V heads, n = attended, "
-               "b = batch x beam); exact: values moved per multiply-add")]
-    if chips > 1:
-        tables.append((f"K/V cache on {chips} chips (Pope et al. 2022)", cm.SHARD_COLUMNS, cm.shard_table_rows(res),
-                       "weights sharded 1-D; comm = bytes each chip sends per step (all-reduces, plus "
-                       "all-to-alls for batch); step us/chip excludes communication"))
-    for title, cols, rows, caption in tables:
-        t = Table(title=title, caption=caption)
-        for col in cols:
-            t.add_column(col, justify="left" if col in ("variant", "bound", "layout", "formula") else "right")
-        for r in rows:
-            t.add_row(*r)
-        out.print(t)
+    run_cost_model(spec, variant, device, bandwidth, flops, memory_gb, batch, context, src_len, beam, chips,
+                   format.value, out_file, refresh_ceilings)
 
 
 # --------------------------------------------------------------------------------------------------
-class ReportFormat(str, Enum):
-    md = "md"
-    csv = "csv"
-    json = "json"
-    latex = "latex"
-
-
 @app.command()
 def report(
     results_dir: Path = typer.Argument(Path("results"), help="Folder of results written by the tool."),
@@ -712,7 +444,7 @@ def run(
     seeds: int = typer.Option(1, "--seeds", help="Seeds per variant: training.seed, training.seed + 1, ..."),
     jobs: int = typer.Option(1, "--jobs", help="Train this many runs at once (separate processes; small models "
                              "share one GPU well)."),
-    device: Device = typer.Option(Device.auto, "--device", help="auto, cpu or cuda."),
+    device: Device = _DEVICE,
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local corpora (default: $MQA_REPRO_DATA, "
                                             "else ../shared/data)."),
     results_dir: Path = typer.Option(Path("results"), "--results", help="Results root."),

@@ -183,10 +183,52 @@ def evaluate_run(run_dir, splits=("dev", "test"), beams: Optional[list] = None, 
 
 
 def _evaluate_run(run_dir, splits, beams, batch_size, device, data, checkpoint, progress, variant) -> dict:
+    """evaluate_run under the run's lock: load, check the data, score every split, write."""
+    man = _read_manifest(run_dir)
+    ckpt_path, dev, ck, ck_th, model, variant = _load_run(run_dir, man, checkpoint, device, variant)
+    ev = variant.evaluation
+    beams = list(beams or ev.beams)
+    bs = batch_size or ev.batch_size
+    data_dir = Path(data) if data is not None else Path(man.get("data_dir", "")) if man.get("data_dir") else None
+    prepared = open_prepared(variant, data_dir)
+    data_hash = data_fingerprint(prepared)
+    if ck.get("data_manifest_hash") and data_hash and ck["data_manifest_hash"] != data_hash:
+        raise UserError(f"the prepared data at {prepared.path} is not the data the checkpoint was trained on "
+                        f"(its manifest hash differs); prepare it again or pass the right --data")
+    d = variant.data
+    stems = []
+    if "dev" in splits:
+        stems.append(("dev", d.dev))
+    if "test" in splits:
+        stems += [("test", s) for s in d.test]
+    metrics = {"run": str(run_dir), "variant": variant.name, "spec": variant.spec_name,
+               "spec_hash": variant.hash, "training_hash": ck_th, "seed": ck["seed"],
+               "checkpoint_step": ck["step"], "data_manifest_hash": data_hash, "tokenizer": prepared.tokenizer(),
+               "evaluation_settings": evaluation_settings(variant),
+               "perplexity": {}, "bleu": []}
+    engine = None
+    if variant.model.is_seq2seq:
+        from .decode import Engine
+
+        engine = Engine(model, vocab_limit=prepared.piece_count)
+    for role, stem in stems:
+        ex = load_examples(prepared, variant, stem, ev.max_sentences)
+        metrics["perplexity"][stem] = _perplexity(model, prepared, variant, role, stem, ex, dev, progress)
+        if engine is not None:
+            metrics["bleu"] += _bleu(model, engine, prepared, variant, run_dir, role, stem, ex,
+                                     [1] if role == "dev" else beams, bs, dev, progress)
+    _write_results(run_dir, man, metrics, variant, ck, ck_th, dev, ckpt_path, prepared, data_hash,
+                   [s for _, s in stems], beams, bs)
+    return metrics
+
+
+def _load_run(run_dir: Path, man: dict, checkpoint, device, variant) -> tuple:
+    """The run's checkpoint, checked against its manifest and ``variant``: (checkpoint path, device,
+    checkpoint dict, its training hash, model, the variant whose evaluation settings apply).
+    UserError when the checkpoint is missing or was trained with another spec."""
     from .spec import Variant
     from .checkpoint import checkpoint_training_hash
 
-    man = _read_manifest(run_dir)
     ckpt_path = Path(checkpoint) if checkpoint else Path(man.get("checkpoint", ""))
     if not man.get("checkpoint") and checkpoint is None:
         raise UserError(f"{run_dir}/manifest.json names no checkpoint; train the run first")
@@ -214,71 +256,61 @@ def _evaluate_run(run_dir, splits, beams, batch_size, device, data, checkpoint, 
                         f"{variant.spec_name}/{variant.name} (training sections differ); train it again")
     if variant is None:
         variant = recorded if recorded is not None and recorded.training_hash == ck_th else trained
-    ev = variant.evaluation
-    beams = list(beams or ev.beams)
-    bs = batch_size or ev.batch_size
-    data_dir = Path(data) if data is not None else Path(man.get("data_dir", "")) if man.get("data_dir") else None
-    prepared = open_prepared(variant, data_dir)
-    data_hash = data_fingerprint(prepared)
-    if ck.get("data_manifest_hash") and data_hash and ck["data_manifest_hash"] != data_hash:
-        raise UserError(f"the prepared data at {prepared.path} is not the data the checkpoint was trained on "
-                        f"(its manifest hash differs); prepare it again or pass the right --data")
-    d = variant.data
-    stems = []
-    if "dev" in splits:
-        stems.append(("dev", d.dev))
-    if "test" in splits:
-        stems += [("test", s) for s in d.test]
-    limit = ev.max_sentences
-    piece_count = prepared.piece_count
-    metrics = {"run": str(run_dir), "variant": variant.name, "spec": variant.spec_name,
-               "spec_hash": variant.hash, "training_hash": ck_th, "seed": ck["seed"],
-               "checkpoint_step": ck["step"], "data_manifest_hash": data_hash, "tokenizer": prepared.tokenizer(),
-               "evaluation_settings": evaluation_settings(variant),
-               "perplexity": {}, "bleu": []}
-    translation = variant.model.is_seq2seq
-    engine = None
-    if translation:
-        from .decode import Engine
+    return ckpt_path, dev, ck, ck_th, model, variant
 
-        engine = Engine(model, vocab_limit=piece_count)
-    for role, stem in stems:
-        ex = load_examples(prepared, variant, stem, limit)
-        if translation:
-            scored, eos_scored, n_pieced = ex, None, 0
-            words = _target_words(prepared, stem, d.tgt_lang, ex, d.max_len - 1)
-        else:   # whole lines, the long ones in pieces: the loss covers every subword of the text
-            scored, eos_scored, n_pieced = _lm_pieces(prepared.split(stem, "text"), len(ex), d.max_len - 1)
-            words = _count_words(prepared, stem, len(ex))
-        with Progress(f"{stem} ln(ppl)", len(scored), enabled=progress) as bar:
-            total, count, _ = corpus_nll(model, scored, dev, batch_tokens=8192, progress=bar.advance,
-                                         eos_scored=eos_scored)
-        ppl = {"role": role, "sentences": len(ex), "subword_tokens": count,
-               "ln_ppl_per_subword": total / count, "ppl_per_subword": math.exp(total / count),
-               "nll_nats": total}
-        if words is not None:
-            ppl.update(words=words, ln_ppl_per_word=total / words, ppl_per_word=math.exp(total / words))
-        if not translation:
-            ppl["lines_scored_in_pieces"] = n_pieced
-        metrics["perplexity"][stem] = ppl
-        _say(f"{stem}: ln(ppl) per subword {ppl['ln_ppl_per_subword']:.4f}", progress)
-        if not translation:
-            continue
-        refs = prepared.text(stem, d.tgt_lang)[: len(ex)]
-        ref_file = run_dir / f"ref.{stem}.txt"
-        write_lines(ref_file, refs)
-        for beam in ([1] if role == "dev" else beams):
-            with Progress(f"{stem} beam {beam}", len(ex), enabled=progress) as bar:
-                ids = translate(model, ex, ev, beam, bs, dev, bar.advance, engine=engine)
-            hyps = [one_line(prepared.sp.decode(x)) for x in ids]
-            hyp_file = run_dir / f"hyp.{stem}.beam{beam}.txt"
-            write_lines(hyp_file, hyps)
-            for tok, s in bleu_scores(hyps, refs, ev.bleu_tokenizers).items():
-                metrics["bleu"].append({"split": stem, "role": role, "beam": beam, "tokenizer": tok,
-                                        "score": s["score"], "signature": s["signature"], "verbose": s["verbose"],
-                                        "hyp_file": hyp_file.name, "ref_file": ref_file.name,
-                                        "sentences": len(hyps)})
-                _say(f"{stem} beam {beam}: BLEU {s['score']:.2f}  {s['signature']}", progress)
+
+def _perplexity(model, prepared, variant, role: str, stem: str, ex, dev, progress: bool) -> dict:
+    """ln(perplexity) of split ``stem`` (its examples ``ex``) per subword, and per word where the raw text
+    is kept; a language model's long lines are scored in pieces (:func:`_lm_pieces`)."""
+    d = variant.data
+    translation = variant.model.is_seq2seq
+    if translation:
+        scored, eos_scored, n_pieced = ex, None, 0
+        words = _target_words(prepared, stem, d.tgt_lang, ex, d.max_len - 1)
+    else:   # whole lines, the long ones in pieces: the loss covers every subword of the text
+        scored, eos_scored, n_pieced = _lm_pieces(prepared.split(stem, "text"), len(ex), d.max_len - 1)
+        words = _count_words(prepared, stem, len(ex))
+    with Progress(f"{stem} ln(ppl)", len(scored), enabled=progress) as bar:
+        total, count, _ = corpus_nll(model, scored, dev, batch_tokens=8192, progress=bar.advance,
+                                     eos_scored=eos_scored)
+    ppl = {"role": role, "sentences": len(ex), "subword_tokens": count,
+           "ln_ppl_per_subword": total / count, "ppl_per_subword": math.exp(total / count),
+           "nll_nats": total}
+    if words is not None:
+        ppl.update(words=words, ln_ppl_per_word=total / words, ppl_per_word=math.exp(total / words))
+    if not translation:
+        ppl["lines_scored_in_pieces"] = n_pieced
+    _say(f"{stem}: ln(ppl) per subword {ppl['ln_ppl_per_subword']:.4f}", progress)
+    return ppl
+
+
+def _bleu(model, engine, prepared, variant, run_dir: Path, role: str, stem: str, ex, beams: list, bs: int, dev,
+          progress: bool) -> list:
+    """Translate split ``stem`` with each beam, write ref/hyp files, and return one BLEU entry per beam and
+    tokenizer (sacrebleu score, signature, files)."""
+    ev, d = variant.evaluation, variant.data
+    refs = prepared.text(stem, d.tgt_lang)[: len(ex)]
+    ref_file = run_dir / f"ref.{stem}.txt"
+    write_lines(ref_file, refs)
+    out = []
+    for beam in beams:
+        with Progress(f"{stem} beam {beam}", len(ex), enabled=progress) as bar:
+            ids = translate(model, ex, ev, beam, bs, dev, bar.advance, engine=engine)
+        hyps = [one_line(prepared.sp.decode(x)) for x in ids]
+        hyp_file = run_dir / f"hyp.{stem}.beam{beam}.txt"
+        write_lines(hyp_file, hyps)
+        for tok, s in bleu_scores(hyps, refs, ev.bleu_tokenizers).items():
+            out.append({"split": stem, "role": role, "beam": beam, "tokenizer": tok,
+                        "score": s["score"], "signature": s["signature"], "verbose": s["verbose"],
+                        "hyp_file": hyp_file.name, "ref_file": ref_file.name,
+                        "sentences": len(hyps)})
+            _say(f"{stem} beam {beam}: BLEU {s['score']:.2f}  {s['signature']}", progress)
+    return out
+
+
+def _write_results(run_dir: Path, man: dict, metrics: dict, variant, ck: dict, ck_th: str, dev, ckpt_path: Path,
+                   prepared, data_hash, stems: list, beams: list, bs: int) -> None:
+    """Merge ``metrics`` into metrics.json (:func:`_merge`) and record the evaluation in manifest.json."""
     metrics["created"] = now()
     old = None
     if (run_dir / "metrics.json").is_file():
@@ -291,7 +323,7 @@ def _evaluate_run(run_dir, splits, beams, batch_size, device, data, checkpoint, 
     write_json_atomic(run_dir / "metrics.json", _merge(old, metrics))
     eval_prov = manifest(variant, ck["seed"], dev, checkpoint=str(ckpt_path.resolve()), checkpoint_step=ck["step"],
                          data_dir=str(Path(prepared.path).resolve()), data_manifest_hash=data_hash,
-                         tokenizer=prepared.tokenizer(), splits=[s for _, s in stems], beams=beams,
+                         tokenizer=prepared.tokenizer(), splits=stems, beams=beams,
                          batch_size=bs)
     merged = dict(man)
     merged.update({k: eval_prov[k] for k in ("spec", "spec_hash", "seed", "checkpoint", "checkpoint_step",
@@ -299,7 +331,6 @@ def _evaluate_run(run_dir, splits, beams, batch_size, device, data, checkpoint, 
     merged["training_hash"] = ck_th
     merged["evaluation"] = {k: v for k, v in eval_prov.items() if k not in ("spec",)}
     write_json_atomic(run_dir / "manifest.json", merged)
-    return metrics
 
 
 def _lm_pieces(arr, n: int, max_ids: int) -> tuple:

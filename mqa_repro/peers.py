@@ -127,17 +127,20 @@ def ct2_spec(model: Transformer, vocabulary: list, mqa_form: str = "one_head"):
     def proj(name):
         return sd[name]
 
+    def self_attention(spec, prefix):   # layer norm, fused Q/K/V projection, output projection
+        norm(spec.layer_norm, f"{prefix}.self_norm")
+        a = f"{prefix}.self_attn"
+        spec.linear[0].weight = _np(torch.cat([proj(f"{a}.q_proj.weight"), proj(f"{a}.k_proj.weight"),
+                                               proj(f"{a}.v_proj.weight")]))
+        spec.linear[1].weight = _np(proj(f"{a}.o_proj.weight"))
+
     emb = _np(sd["embed.weight"])
     enc.embeddings[0].weight = emb
     enc.position_encodings.encodings = _np(sd["src_pos.weight"])
     norm(enc.layer_norm, "enc_norm")
     for i, layer in enumerate(enc.layer):
         p = f"encoder.{i}"
-        norm(layer.self_attention.layer_norm, f"{p}.self_norm")
-        a = f"{p}.self_attn"
-        layer.self_attention.linear[0].weight = _np(torch.cat([proj(f"{a}.q_proj.weight"), proj(f"{a}.k_proj.weight"),
-                                                               proj(f"{a}.v_proj.weight")]))
-        layer.self_attention.linear[1].weight = _np(proj(f"{a}.o_proj.weight"))
+        self_attention(layer.self_attention, p)
         ffn(layer.ffn, p)
     dec.embeddings.weight = emb
     dec.position_encodings.encodings = _np(sd["tgt_pos.weight"])
@@ -145,11 +148,7 @@ def ct2_spec(model: Transformer, vocabulary: list, mqa_form: str = "one_head"):
     dec.projection.weight = emb
     for i, layer in enumerate(dec.layer):
         p = f"decoder.{i}"
-        norm(layer.self_attention.layer_norm, f"{p}.self_norm")
-        a = f"{p}.self_attn"
-        layer.self_attention.linear[0].weight = _np(torch.cat([proj(f"{a}.q_proj.weight"), proj(f"{a}.k_proj.weight"),
-                                                               proj(f"{a}.v_proj.weight")]))
-        layer.self_attention.linear[1].weight = _np(proj(f"{a}.o_proj.weight"))
+        self_attention(layer.self_attention, p)
         norm(layer.attention.layer_norm, f"{p}.cross_norm")
         c = f"{p}.cross_attn"
         layer.attention.linear[0].weight = _np(proj(f"{c}.q_proj.weight"))

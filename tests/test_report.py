@@ -286,6 +286,7 @@ def test_bootstrap_zero_computes_no_p(small_results, monkeypatch):
 
 def test_noisy_rows_are_flagged_by_one_rule(small_results):
     from mqa_repro import bench
+    from mqa_repro.console import bench_table_rows
 
     def row(lo, mid, hi, **kw):
         return {"variant": "multi_query", "measure": "decoder", "beam": 1, "batch": 8, "tgt_len": 32, "src_len": 32,
@@ -295,7 +296,7 @@ def test_noisy_rows_are_flagged_by_one_rule(small_results):
     quiet, edge, loud = row(9.5, 10, 11), row(9, 10, 11), row(8, 10, 14)
     assert [bench.is_noisy(r) for r in (quiet, edge, loud)] == [False, False, True]
     assert bench.spread(loud) == pytest.approx(0.6) and bench.spread(row(9, 10, 11, repeats=1)) is None
-    assert [c[4].endswith("noisy") for c in bench.table_rows({"rows": [quiet, loud]})] == [False, True]
+    assert [c[4].endswith("noisy") for c in bench_table_rows({"rows": [quiet, loud]})] == [False, True]
     assert len(bench.summarize([quiet, loud])["noisy_rows"]) == 1
     pair = bench.summarize([dict(quiet, variant="multi_head"), loud])
     assert pair["multi_head_over_multi_query_decoder_noisy"] is True

@@ -121,16 +121,8 @@ class Engine:
                 raise UserError(f"forced_lengths needs one length in 1 .. {m.max_positions} per source")
         else:
             limits = max_lengths(torch.from_numpy(lens), max_len_a, max_len_b, cap).numpy()
-        _check_beam(beam)
-        out = [None] * len(srcs)
-        for idx in self._batches(lens, batch_tokens):
-            ids = self._decode_batch([srcs[i] for i in idx], lens[idx], limits[idx], beam, alpha,
-                                     eos=forced_lengths is None, seq2seq=True)
-            for i, x in zip(idx, ids):
-                out[int(i)] = x
-            if progress is not None:
-                progress(len(idx))
-        return out
+        return self._decode_all(srcs, lens, limits, beam, alpha, batch_tokens, eos=forced_lengths is None,
+                                seq2seq=True, progress=progress)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence, *, beam: int = 1, alpha: float = 0.6, max_new_tokens: int = 64,
@@ -161,11 +153,18 @@ class Engine:
             if max_new_tokens < 1:
                 raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
             limits = np.minimum(max_new_tokens, room).astype(np.int64)
+        return self._decode_all(ps, lens, limits, beam, alpha, batch_tokens, eos=forced_lengths is None,
+                                seq2seq=False, progress=progress)
+
+    def _decode_all(self, seqs: list, lens, limits, beam: int, alpha: float, batch_tokens: int, *, eos: bool,
+                    seq2seq: bool, progress: Optional[Callable[[int], None]]) -> list:
+        """Decode every sequence of ``seqs`` (lengths ``lens`` [N], step limits ``limits`` [N]) in batches of at
+        most ``batch_tokens`` tokens; the results in input order. ``progress(n)`` after each batch."""
         _check_beam(beam)
-        out = [None] * len(ps)
+        out = [None] * len(seqs)
         for idx in self._batches(lens, batch_tokens):
-            ids = self._decode_batch([ps[i] for i in idx], lens[idx], limits[idx], beam, alpha,
-                                     eos=forced_lengths is None, seq2seq=False)
+            ids = self._decode_batch([seqs[i] for i in idx], lens[idx], limits[idx], beam, alpha,
+                                     eos=eos, seq2seq=seq2seq)
             for i, x in zip(idx, ids):
                 out[int(i)] = x
             if progress is not None:
