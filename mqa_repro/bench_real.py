@@ -197,7 +197,7 @@ def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer:
     sents_by_data = {}
     for v in variants:
         m = v.model
-        if m.kind != "encoder-decoder":
+        if not m.is_seq2seq:
             raise UserError(f"{spec_path}: decode-bench --real translates; {v.name} is decoder-only")
         key = (v.spec_name, str(data))
         if key not in sents_by_data:

@@ -55,7 +55,7 @@ def _ct2():
 
 def ct2_supported(m) -> Optional[str]:
     """None if CTranslate2's TransformerSpec can express model spec ``m``, else the reason it cannot."""
-    if m.kind != "encoder-decoder":
+    if not m.is_seq2seq:
         return "the CTranslate2 peer runs encoder-decoder models (Translator)"
     if m.d_k != m.d_v:
         return f"CTranslate2 has one head size; d_k {m.d_k} != d_v {m.d_v}"
@@ -234,7 +234,7 @@ def hf_peer(variant, cfg, device, ours_row_s: Optional[float]) -> dict:
     from .bench import TORCH_DTYPES, _stats, random_tokens, time_runs
 
     m = variant.model
-    if m.kind != "encoder-decoder" or m.n_kv_heads != m.n_heads or m.n_heads * m.d_k != m.d_model:
+    if not m.is_seq2seq or m.n_kv_heads != m.n_heads or m.n_heads * m.d_k != m.d_model:
         return {"peer": "hf", "skipped": "Marian is multi-head with d_k = d_model / heads; "
                                          f"{variant.name} is not"}
     if m.window:

@@ -304,7 +304,7 @@ def run(target, input: str = "-", output: str = "-", *, command: str = "translat
         if rank != 0:
             return res
         if res.truncated:
-            keep = "first" if kind == "encoder-decoder" else "last"
+            keep = "first" if command == "translate" else "last"
             say(f"{command}: {res.truncated} of {len(lines)} lines had more than {res.limit} subwords (the "
                 f"length the model was trained on) and were cut to their {keep} {res.limit}")
         write_output(output, res.lines)

@@ -106,7 +106,7 @@ class Engine:
         with its number of sentences. Raises UserError for a decoder-only model, a source longer than the
         model's positions, or a bad forced length."""
         m = self.spec
-        if m.kind != "encoder-decoder":
+        if not m.is_seq2seq:
             raise UserError("translate needs an encoder-decoder model; use generate for a decoder-only model")
         srcs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in sources]
         lens = np.array([len(s) + 1 for s in srcs], dtype=np.int64)
