@@ -312,8 +312,8 @@ def decode_bench(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Time a trained checkpoint's weights."),
     peer: Optional[str] = typer.Option(None, "--peer", help="hf: also time Hugging Face generate() on a Marian "
                                        "config of the same dimensions and print the ratio. ct2: also time "
-                                       "CTranslate2 (pip install 'mqa-repro[ct2]') running the same weights on "
-                                       "the same device, at the same shape or (--real) on the same sentences, "
+                                       "CTranslate2 (pip install ctranslate2, or the ct2 extra) running the same "
+                                       "weights on the same device, at the same shape or (--real) on the same sentences, "
                                        "both of its multi-query forms labelled (num_heads_kv=1 copies the K/V "
                                        "head to every head; the per-layer multi_query flag keeps one)."),
     sweep: Optional[Sweep] = typer.Option(None, "--sweep", help="batch (1..1024) or length (32..256): greedy "
