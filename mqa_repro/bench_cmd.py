@@ -102,7 +102,6 @@ def _real(spec, s, variants, state, peer, out_file, *, beam, device, dtype, repe
           max_sentences, sentences_per_batch, peer_threads, attention, tune, **_fixed_only) -> None:
     """decode-bench --real: translate a real test set (``bench_real.run_real_bench``), write, print."""
     from . import bench_real
-    from .provenance import write_json_atomic
     from .runtime import resolve_device
 
     if peer == "hf":
@@ -120,9 +119,7 @@ def _real(spec, s, variants, state, peer, out_file, *, beam, device, dtype, repe
         peer_threads=peer_threads)
     res = bench_real.run_real_bench(variants, cfg, state, peer, data=data, spec_path=str(spec),
                                     use_triton=(attention == "triton") if dev.type == "cuda" else None, tune=tune,
-                                    log=say)
-    if out_file is not None:
-        write_json_atomic(out_file, res)
+                                    log=say, out_file=out_file)   # written after every finished row
     if format != "table":
         if format == "csv":
             raise UserError("--real writes table or json; --format csv is for the Table 2 rows")

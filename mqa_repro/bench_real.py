@@ -30,6 +30,7 @@ the forced tokens are counted as its output.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -164,11 +165,18 @@ def time_ours(eng, sents: Sentences, beam: int, size: int, forced: Optional[np.n
 
     eng.timing = True
     try:
-        total = time_runs(run, device, cfg.repeats, warmup=1)
+        t0 = time.perf_counter()
+        run()                                   # the warm-up: CUDA graphs are captured here
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        first_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        total = time_runs(run, device, cfg.repeats, warmup=0)
+        repeats_s = time.perf_counter() - t0
     finally:
         eng.timing = False
     return {"total": _stats(total), "encoder": _stats(enc[1:]), "decoder": _stats(dec[1:]), "outputs": outs,
-            "batches": batches}
+            "batches": batches, "first_pass_wall_s": first_s, "repeats_wall_s": repeats_s}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,8 +194,14 @@ def _rates(n_sent: int, tokens: int, total_s: float, enc_s: Optional[float] = No
 
 def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer: Optional[str] = None,
                    data=None, spec_path: str = "", use_triton: Optional[bool] = None, tune: bool = False,
-                   log=print) -> dict:
-    """Time every variant on the real sentences (see the module docstring); a results document."""
+                   log=print, out_file=None) -> dict:
+    """Time every variant on the real sentences (see the module docstring); a results document.
+
+    With ``out_file`` (a path) the document is written there atomically after every finished row, ours or
+    the peer's (``"complete": false`` until the last), so a run stopped by a time limit keeps every finished
+    row. Each row is logged as it finishes with its wall seconds (ours: the first pass, which captures the
+    CUDA graphs, and the timed repeats apart; the peer: its conversion and load, once per form, apart).
+    """
     from .decode import Engine
 
     device = torch.device(cfg.device)
@@ -195,6 +209,17 @@ def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer:
     forced_mode = checkpoint_state is None
     rows, peers = [], []
     sents_by_data = {}
+    prov = manifest(None, None, device, spec_path=spec_path)
+
+    def document(complete: bool) -> dict:
+        return _document(variants, cfg, checkpoint_state, spec_path, prov, ceil, sents_by_data, rows, peers,
+                         complete)
+
+    def finished_row() -> None:
+        if out_file is not None:
+            from .provenance import write_json_atomic
+
+            write_json_atomic(out_file, document(False))
     for v in variants:
         m = v.model
         if not m.is_seq2seq:
@@ -214,6 +239,7 @@ def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer:
         for beam in cfg.beams:
             for size in cfg.batches:
                 log(f"{v.name}: {n} sentences of {sents.stem}, beam {beam}, {size} per batch")
+                t_row = time.perf_counter()
                 r = time_ours(eng, sents, beam, size, forced, ev, cfg, device)
                 outs = r["outputs"]
                 steps = np.array([len(o) for o in outs], dtype=np.int64) if forced_mode else steps_run(outs, limits)
@@ -233,29 +259,48 @@ def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer:
                        "impl_detail": eng.describe()}
                 if forced_mode:
                     row["forced_equals_reference"] = bool(np.array_equal(steps, forced))
+                row["first_pass_wall_s"] = r["first_pass_wall_s"]
+                row["repeats_wall_s"] = r["repeats_wall_s"]
+                row["row_wall_s"] = time.perf_counter() - t_row
                 rows.append(row)
+                log(f"{v.name}: ours, beam {beam}, {size} per batch done in {row['row_wall_s']:.1f} s wall "
+                    f"(first pass with graph captures {r['first_pass_wall_s']:.1f} s, {cfg.repeats} timed repeats "
+                    f"{r['repeats_wall_s']:.1f} s, median {total_s:.3f} s)")
+                finished_row()
                 if peer == "ct2":
-                    peers.extend(ct2_rows(v, model, sents, beam, size, forced, ev, cfg, device, outs, row, log,
-                                          ct2_models))
+                    ct2_rows(v, model, sents, beam, size, forced, ev, cfg, device, outs, row, log, ct2_models,
+                             on_row=lambda p: (peers.append(p), finished_row()))
         for x in ct2_models.values():
             x.close()
         ct2_models.clear()
         del eng, model
         _free(device)
+    res = document(True)
+    if out_file is not None:
+        from .provenance import write_json_atomic
+
+        write_json_atomic(out_file, res)
+    return res
+
+
+def _document(variants, cfg, checkpoint_state, spec_path, prov, ceil, sents_by_data, rows, peers,
+              complete: bool) -> dict:
+    """The results document of the rows finished so far (``complete``: every row of the grid is in)."""
     first = next(iter(sents_by_data.values()), None)
     res = {
-        "schema_version": SCHEMA, "kind": "decode-bench-real",
-        "provenance": manifest(None, None, device, spec_path=spec_path),
+        "schema_version": SCHEMA, "kind": "decode-bench-real", "complete": complete,
+        "provenance": prov,
         "config": asdict(cfg), "ceilings": ceil.to_dict(),
         "test_set": {"stem": first.stem, "sentences": len(first.src), "data_dir": first.data_dir} if first else None,
         "weights": "trained checkpoint" if checkpoint_state is not None else "random (seed 0), forced lengths",
         "variants": {v.name: v.to_dict() for v in variants}, "spec_hashes": {v.name: v.hash for v in variants},
-        "rows": rows, "peers": peers,
+        "rows": list(rows), "peers": list(peers),
         "notes": ("target tokens = decoder steps (output subwords + EOS where emitted; per sentence, not per "
                   "hypothesis); us_per_token = median time / target tokens; encoder = the engine's encoder clock "
                   "(synchronised at batch boundaries), decoder = whole - encoder; bound = roofline of the work "
                   "done (finished rows cost nothing); batches = runs of batch_sentences sentences sorted by "
-                  "source length"),
+                  "source length; *_wall_s = wall seconds of the row's parts (first pass with graph captures, "
+                  "timed repeats, CTranslate2 conversion and load)"),
     }
     try:
         from .decode import tuning_record
@@ -267,19 +312,25 @@ def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer:
 
 
 def ct2_rows(v, model, sents: Sentences, beam: int, size: int, forced, ev, cfg: RealConfig, device, ours_outs,
-             ours_row: dict, log, models: dict) -> list:
+             ours_row: dict, log, models: dict, on_row=None) -> list:
     """CTranslate2 on the same weights and sentences, per multi-query form; ratio of target tokens/s.
 
     ``models`` caches the converted model per form. CTranslate2's calls are synchronous, so they are timed
-    by the wall clock (on the CPU: ``peer_threads`` threads, default as many as torch uses)."""
+    by the wall clock (on the CPU: ``peer_threads`` threads, default as many as torch uses). ``on_row(row)``
+    is called as each row finishes (the caller writes the document then)."""
+    emit = on_row or (lambda row: None)
     from .peers import CT2Model, ct2_supported
 
     m = model.spec
     why = ct2_supported(m)
     if why:
-        return [{"peer": "ct2", "variant": v.name, "beam": beam, "batch_sentences": size, "skipped": why}]
+        row = {"peer": "ct2", "variant": v.name, "beam": beam, "batch_sentences": size, "skipped": why}
+        emit(row)
+        return [row]
     if sents.vocabulary is None:
-        return [{"peer": "ct2", "variant": v.name, "skipped": "no SentencePiece vocabulary for the model"}]
+        row = {"peer": "ct2", "variant": v.name, "skipped": "no SentencePiece vocabulary for the model"}
+        emit(row)
+        return [row]
     out = []
     forms = ["one_head", "replicated"] if m.n_kv_heads == 1 else ["one_head"]
     compute = {"fp32": "float32", "bf16": "bfloat16"}[cfg.dtype]
@@ -287,9 +338,13 @@ def ct2_rows(v, model, sents: Sentences, beam: int, size: int, forced, ev, cfg: 
     cap = min(ev.max_len_cap, m.max_positions)
     for form in forms:
         log(f"{v.name}: CTranslate2 ({form if m.n_kv_heads == 1 else 'multi-head'}), beam {beam}, {size} per batch")
+        t_row = time.perf_counter()
+        load_s = None
         if form not in models:
             models[form] = CT2Model(model, sents.vocabulary, device=ct2_dev, compute_type=compute, mqa_form=form,
                                     threads=cfg.peer_threads or (torch.get_num_threads() if ct2_dev == "cpu" else 0))
+            load_s = time.perf_counter() - t_row
+            log(f"{v.name}: CTranslate2 ({form}) converted and loaded in {load_s:.1f} s")
         peer = models[form]
         hyps = [None] * len(sents.src)
         if forced is None:
@@ -311,7 +366,9 @@ def ct2_rows(v, model, sents: Sentences, beam: int, size: int, forced, ev, cfg: 
                         hyps[i] = h
             method = ("forced lengths: batches of similar reference length, EOS suppressed, each batch decoded "
                       "to its longest forced length; only forced tokens counted")
+        t_runs = time.perf_counter()
         times = time_runs(run, torch.device("cpu"), cfg.repeats)   # wall clock: translate_batch blocks
+        runs_s = time.perf_counter() - t_runs
         st = _stats(times)
         # its own output in EOS mode (its translations may differ from ours), the forced tokens otherwise
         tokens = int(steps_run(hyps, np.full(len(hyps), cap)).sum()) if forced is None else ours_row["target_tokens"]
@@ -324,7 +381,12 @@ def ct2_rows(v, model, sents: Sentences, beam: int, size: int, forced, ev, cfg: 
         if forced is None:
             same = sum(a == b for a, b in zip(hyps, ours_outs))
             row["identical_translations"] = same / len(hyps)
+        row.update(convert_load_wall_s=load_s, runs_wall_s=runs_s, row_wall_s=time.perf_counter() - t_row)
+        log(f"{v.name}: CTranslate2 ({form}), beam {beam}, {size} per batch done in {row['row_wall_s']:.1f} s wall "
+            f"(conversion and load {0.0 if load_s is None else load_s:.1f} s, warm-up and {cfg.repeats} timed "
+            f"repeats {runs_s:.1f} s, median {st['median_s']:.3f} s)")
         out.append(row)
+        emit(row)
     return out
 
 

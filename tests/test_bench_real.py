@@ -92,8 +92,47 @@ def test_cli_real_json(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "tgt tok/s" in r.stdout
     doc = json.loads(out.read_text())
-    assert doc["kind"] == "decode-bench-real" and doc["schema_version"] == 1
+    assert doc["kind"] == "decode-bench-real" and doc["schema_version"] == 1 and doc["complete"] is True
     assert doc["spec_hashes"]["multi_head"] and doc["config"]["batches"] == [6]
     bad = subprocess.run([sys.executable, "-m", "mqa_repro", "decode-bench", str(TINY), "--real", "--device", "cpu",
                           "--data", str(tmp_path / "none")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "no prepared data" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_finished_rows_are_on_disk_when_a_later_row_fails(tiny_data, tmp_path, monkeypatch):
+    """The document is written after every finished row (ours and the peer's): a run stopped by a later row
+    keeps the earlier ones, with provenance; each row is logged with its wall seconds as it finishes."""
+    import re
+
+    from mqa_repro import bench_real
+
+    out = tmp_path / "real.json"
+    calls = []
+    real_time_ours = bench_real.time_ours
+
+    def second_row_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            assert out.exists(), "the first row must be on disk before the second starts"
+            raise RuntimeError("stopped by a time limit")
+        return real_time_ours(*a, **k)
+
+    monkeypatch.setattr(bench_real, "time_ours", second_row_fails)
+    v = load_spec(TINY).variants["multi_head"]
+    cfg = RealConfig(device="cpu", dtype="fp32", beams=[1], batches=[6, 3], repeats=1, max_sentences=6,
+                     peer_threads=1)
+    lines = []
+    with pytest.raises(RuntimeError, match="time limit"):
+        run_real_bench([v], cfg, None, "ct2", data=tiny_data, spec_path=str(TINY), log=lines.append, out_file=out)
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "decode-bench-real" and doc["schema_version"] == 1 and doc["complete"] is False
+    assert doc["provenance"]["git_sha"] and doc["spec_hashes"]["multi_head"]
+    assert [(r["beam"], r["batch_sentences"]) for r in doc["rows"]] == [(1, 6)]
+    assert [(p["beam"], p["batch_sentences"]) for p in doc["peers"]] == [(1, 6)]
+    (row,), (peer,) = doc["rows"], doc["peers"]
+    assert 0 < row["first_pass_wall_s"] and 0 < row["repeats_wall_s"] <= row["row_wall_s"]
+    assert peer["convert_load_wall_s"] > 0 and peer["runs_wall_s"] > 0
+    done = [s for s in lines if " done in " in s]
+    assert len(done) == 2 and all(re.search(r"done in \d+\.\d s wall", s) for s in done)
+    assert any(re.search(r"first pass with graph captures \d+\.\d s", s) for s in done)
+    assert any(re.search(r"converted and loaded in \d+\.\d s", s) for s in lines)
