@@ -383,7 +383,7 @@ def ct2_rows(v, model, sents: Sentences, beam: int, size: int, forced, ev, cfg: 
             row["identical_translations"] = same / len(hyps)
         row.update(convert_load_wall_s=load_s, runs_wall_s=runs_s, row_wall_s=time.perf_counter() - t_row)
         log(f"{v.name}: CTranslate2 ({form}), beam {beam}, {size} per batch done in {row['row_wall_s']:.1f} s wall "
-            f"(conversion and load {0.0 if load_s is None else load_s:.1f} s, warm-up and {cfg.repeats} timed "
+            f"({'converted earlier' if load_s is None else f'conversion and load {load_s:.1f} s'}, warm-up and {cfg.repeats} timed "
             f"repeats {runs_s:.1f} s, median {st['median_s']:.3f} s)")
         out.append(row)
         emit(row)

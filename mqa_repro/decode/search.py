@@ -198,7 +198,8 @@ class Beam:
         step = self.fin_step_BK[:n].gather(1, best).view(-1).tolist()
         row = self.fin_row_BK[:n].gather(1, best).view(-1).tolist()
         last = self.fin_tok_BK[:n].gather(1, best).view(-1).tolist()
-        hist, parent = self.hist_TN.cpu(), self.parent_TN.cpu()
+        # numpy on the host: one copy each, then element reads cost ~0.1 us instead of a tensor index's ~us
+        hist, parent = self.hist_TN.cpu().numpy(), self.parent_TN.cpu().numpy()
         out = []
         for s, r, tok in zip(step, row, last):
             ids = [tok]
