@@ -2,7 +2,8 @@
 
 A run directory (``results/<spec>/<variant>/seed<N>/``) contributes through its ``manifest.json`` and
 ``metrics.json``; a decode benchmark through the JSON that ``decode-bench --out`` wrote (any ``*.json``
-under the results folder whose ``kind`` is ``decode-bench``). Missing numbers are shown as missing.
+under the results folder whose ``kind`` is ``decode-bench``; real-sentence throughput from those whose ``kind`` is
+``decode-bench-real``, written by ``decode-bench --real``). Missing numbers are shown as missing.
 Runs of one variant made from different resolved specs are never averaged together: the newest spec
 hash wins and the others are listed as excluded; code versions (git shas) are named in the caption.
 Nor are runs of one spec made from different prepared data (another SentencePiece model or version, other
@@ -23,7 +24,7 @@ from .errors import UserError
 from .plots import plots
 from .render import render_csv, render_json, render_latex, render_markdown
 from .spec import Variant
-from .tables import table1, table2, table3, table_cost_model, table_multi_gpu
+from .tables import table1, table2, table3, table_cost_model, table_multi_gpu, table_real
 
 
 # --------------------------------------------------------------------------------------------------
@@ -52,6 +53,7 @@ class Collection:
     excluded: list = field(default_factory=list)  # (path, reason)
     benches: list = field(default_factory=list)   # (path, decode-bench JSON)
     multi_gpu: list = field(default_factory=list)  # (path, multi-GPU summary JSON: scripts/ddp_summary.py)
+    real_benches: list = field(default_factory=list)  # (path, decode-bench --real JSON: mqa_repro.bench_real)
 
 
 def _load_json(path: Path):
@@ -122,9 +124,40 @@ def _bench_problem(d: dict) -> Optional[str]:
     return None
 
 
+_REAL_ROW_KEYS = ("variant", "beam", "batch_sentences", "target_tokens_per_s", "us_per_token")
+_REAL_ROW_NUMS = ("beam", "batch_sentences", "sentences", "target_tokens", "target_tokens_per_s", "us_per_token",
+                  "sentences_per_s", "encoder_us_per_token", "decoder_us_per_token", "bound_us_per_token", "x_bound",
+                  "ours_over_ct2_tokens_per_s", "median_s", "repeats")
+
+
+def _real_bench_problem(d: dict) -> Optional[str]:
+    """Why a ``decode-bench --real`` JSON cannot make the real-sentence throughput table (None: it can)."""
+    for key in ("rows", "peers"):
+        if not isinstance(d.get(key, []), list):
+            return f"decode-bench-real result whose {key!r} is not a list"
+    if not d.get("rows"):
+        return "decode-bench-real result without rows"
+    for what, items in (("row", d["rows"]), ("peer row", d.get("peers", []))):
+        for i, r in enumerate(items):
+            if not isinstance(r, dict):
+                return f"decode-bench-real {what} {i + 1} is not an object"
+            if "skipped" in r:
+                continue
+            lacking = [k for k in (_REAL_ROW_KEYS if what == "row" else _REAL_ROW_KEYS[:4]) if k not in r]
+            if lacking:
+                return f"decode-bench-real {what} {i + 1} lacks {', '.join(lacking)}"
+            bad = [k for k in _REAL_ROW_NUMS if k in r and r[k] is not None and not _is_num(r[k])]
+            if bad:
+                return f"decode-bench-real {what} {i + 1} has {bad[0]} that is not a number"
+    for key in ("provenance", "config", "test_set"):
+        if d.get(key) is not None and not isinstance(d.get(key), dict):
+            return f"decode-bench-real result whose {key!r} is not an object"
+    return None
+
+
 def collect(root) -> Collection:
-    """Every finished run, decode-bench result and multi-GPU summary under ``root``; what cannot be used is
-    listed in ``excluded`` with the reason."""
+    """Every finished run, decode-bench result (fixed-shape and ``--real``) and multi-GPU summary under
+    ``root``; what cannot be used is listed in ``excluded`` with the reason."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a directory of results (run `mqa-repro train`/`evaluate` first)")
@@ -221,7 +254,8 @@ def _keep_newest_data(col: Collection) -> None:
 
 
 def _collect_results(root: Path, col: Collection) -> None:
-    """Decode-bench results and multi-GPU summaries (any other ``*.json`` under ``root``) into ``col``."""
+    """Decode-bench results (fixed-shape and ``--real``) and multi-GPU summaries (any other ``*.json`` under
+    ``root``) into ``col``."""
     for p in sorted(root.rglob("*.json")):
         if p.name in ("manifest.json", "metrics.json"):
             continue
@@ -234,6 +268,12 @@ def _collect_results(root: Path, col: Collection) -> None:
                 col.excluded.append((str(p), problem))
             else:
                 col.benches.append((p, d))
+        elif isinstance(d, dict) and d.get("kind") == "decode-bench-real":
+            problem = _real_bench_problem(d)
+            if problem:
+                col.excluded.append((str(p), problem))
+            else:
+                col.real_benches.append((p, d))
         elif isinstance(d, dict) and d.get("kind") == "multi-gpu":
             if all(isinstance(d.get(k, {}), dict) and all(isinstance(x, dict) for x in d.get(k, {}).values())
                    for k in ("training", "decoding")):
@@ -299,6 +339,8 @@ def build_tables(col: Collection, bootstrap_samples: int = 1000) -> list:
             t = make(path, bench)
             if t is not None:
                 tables.append(t)
+    for path, doc in col.real_benches:
+        tables.append(table_real(path, doc))
     tables += lm
     for path, summary in col.multi_gpu:
         t = table_multi_gpu(path, summary)

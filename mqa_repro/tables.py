@@ -393,3 +393,67 @@ def table_multi_gpu(path: Path, summary: dict) -> Optional[Table]:
            f"code {str(prov.get('git_sha', '?'))[:12]}.")
     return Table(f"multigpu_{path.parent.name}", f"Two GPUs against one ({path.parent.name})", cols, rows, cap)
 
+
+
+# CTranslate2's forms of one model (``peers.MQA_FORMS``; None: a model with several K/V heads), as the table
+# labels them: the documented num_heads_kv=1 copies the one K/V head to every head before caching.
+CT2_FORM_COLUMNS = ((None, "ct2_mh", "multi-head"),
+                    ("replicated", "ct2_replicated", "num_heads_kv=1 (K/V copied per head)"),
+                    ("one_head", "ct2_one_head", "one K/V head (multi_query flag)"))
+
+
+def table_real(path: Path, doc: dict) -> Table:
+    """Translation throughput on real sentences (``decode-bench --real``, :mod:`mqa_repro.bench_real`).
+
+    One row per (variant, beam, sentences per batch): our target tokens/s and µs per output token (whole,
+    encoder, decoder), the fraction of the roofline (bound / measured time), CTranslate2's target tokens/s per
+    form of the same weights ("–" where it was not run or was skipped) and ours / CTranslate2 against its fastest
+    form (the ``ours_over_ct2_tokens_per_s`` of that form's row)."""
+    peers = defaultdict(dict)   # (variant, beam, batch) -> form -> peer row
+    skipped = []
+    for p in doc.get("peers", []):
+        if "skipped" in p:
+            skipped.append(f"{p.get('variant', '?')}: {p['skipped']}")
+            continue
+        peers[(p["variant"], p["beam"], p["batch_sentences"])][p.get("mqa_form")] = p
+    cols = [("variant", "attention"), ("search", "search"), ("batch_sentences", "sentences per batch"),
+            ("tokens_per_s", "target tokens/s"), ("us_per_token", "µs per output token"),
+            ("encoder_us", "encoder µs/token"), ("decoder_us", "decoder µs/token"),
+            ("frac_bound", "fraction of roofline")]
+    cols += [(key, f"CTranslate2 {label}, target tokens/s") for _, key, label in CT2_FORM_COLUMNS]
+    cols.append(("ours_over_ct2", "ours / CTranslate2 (its fastest form)"))
+    order = row_order({r["variant"] for r in doc["rows"]})
+    rows = []
+    for r in sorted(doc["rows"], key=lambda r: (order.index(r["variant"]), r["beam"], -r["batch_sentences"])):
+        mine = peers.get((r["variant"], r["beam"], r["batch_sentences"]), {})
+        row = {"variant": r["variant"], "search": "greedy" if r["beam"] == 1 else f"beam {r['beam']}",
+               "batch_sentences": r["batch_sentences"], "tokens_per_s": r["target_tokens_per_s"],
+               "us_per_token": r["us_per_token"], "encoder_us": r.get("encoder_us_per_token"),
+               "decoder_us": r.get("decoder_us_per_token"),
+               "frac_bound": (1 / r["x_bound"]) if r.get("x_bound") else None}
+        for form, key, _ in CT2_FORM_COLUMNS:
+            row[key] = (mine.get(form) or {}).get("target_tokens_per_s")
+        best = max(mine.values(), key=lambda p: p["target_tokens_per_s"], default=None)
+        row["ours_over_ct2"] = (r["target_tokens_per_s"] / best["target_tokens_per_s"]
+                                if best and best["target_tokens_per_s"] else None)
+        rows.append(row)
+    prov, cfg, ts = doc.get("provenance") or {}, doc.get("config") or {}, doc.get("test_set") or {}
+    dev = (prov.get("device") or {}).get("name", "?") if isinstance(prov.get("device"), dict) else "?"
+    forced = {bool(r.get("forced_lengths")) for r in doc["rows"]}
+    lengths = ("output lengths forced to each reference's (random weights; EOS ignored)" if forced == {True}
+               else "each sentence ends at its EOS or decode limit (trained checkpoint)" if forced == {False}
+               else "forced lengths and EOS mixed")
+    versions = sorted({str(p.get("ctranslate2")) for m in peers.values() for p in m.values() if p.get("ctranslate2")})
+    methods = sorted({p.get("method") for m in peers.values() for p in m.values() if p.get("method")})
+    repeats = sorted({r.get("repeats", cfg.get("repeats")) for r in doc["rows"]}, key=str)
+    dtypes = sorted({str(r.get("dtype", cfg.get("dtype"))) for r in doc["rows"]})
+    cap = (f"Translation throughput on real sentences: {path.parent.name}/{path.name} on {dev}, "
+           f"{', '.join(dtypes)}; test set {ts.get('stem', '?')}, {ts.get('sentences', '?')} sentences; {lengths}; "
+           f"median of {', '.join(map(str, repeats))} repeats after a warm-up; code "
+           f"{str(prov.get('git_sha', '?'))[:12]}. Target tokens = decoder steps (output subwords + EOS where "
+           f"emitted), per sentence; µs per output token = median time / target tokens; encoder = the engine's "
+           f"encoder clock, decoder = whole - encoder; fraction of roofline = bound of the work done / measured "
+           f"time. CTranslate2 {', '.join(versions) or '(not run)'} on the same weights and sentences"
+           + (f", method: {'; '.join(methods)}" if methods else "") + "."
+           + (f" CTranslate2 skipped: {'; '.join(skipped)}." if skipped else ""))
+    return _bench_table("real", "Translation throughput on real sentences", dev, path, cols, rows, cap)
