@@ -192,6 +192,36 @@ def _rates(n_sent: int, tokens: int, total_s: float, enc_s: Optional[float] = No
     return out
 
 
+def _ours_row(v, eng, sents, beam: int, size: int, forced, limits, src_len, ev, cfg: RealConfig, device,
+              ceil) -> tuple:
+    """Our engine on every sentence at one beam and batch size: (the row, time_ours's result)."""
+    m, forced_mode, n = v.model, forced is not None, len(sents.src)
+    t_row = time.perf_counter()
+    r = time_ours(eng, sents, beam, size, forced, ev, cfg, device)
+    outs = r["outputs"]
+    steps = np.array([len(o) for o in outs], dtype=np.int64) if forced_mode else steps_run(outs, limits)
+    tokens = int(steps.sum())
+    total_s, enc_s = r["total"]["median_s"], r["encoder"]["median_s"]
+    bound = sentence_bound(m, r["batches"], src_len, steps, beam, cfg.dtype, ceil)
+    bound_s = bound["encoder_s"] + bound["decoder_s"]
+    row = {"variant": v.name, "impl": "ours", "beam": beam, "batch_sentences": size, "sentences": n,
+           "target_tokens": tokens, "forced_lengths": forced_mode, "median_s": total_s,
+           "min_s": r["total"]["min_s"], "max_s": r["total"]["max_s"], "repeats": cfg.repeats,
+           **_rates(n, tokens, total_s, enc_s),
+           "engine_decoder_s": r["decoder"]["median_s"],
+           "bound_us_per_token": bound_s * 1e6 / tokens,
+           "bound_encoder_us_per_token": bound["encoder_s"] * 1e6 / tokens,
+           "bound_decoder_us_per_token": bound["decoder_s"] * 1e6 / tokens,
+           "x_bound": total_s / bound_s if bound_s else None, "dtype": cfg.dtype,
+           "impl_detail": eng.describe()}
+    if forced_mode:
+        row["forced_equals_reference"] = bool(np.array_equal(steps, forced))
+    row["first_pass_wall_s"] = r["first_pass_wall_s"]
+    row["repeats_wall_s"] = r["repeats_wall_s"]
+    row["row_wall_s"] = time.perf_counter() - t_row
+    return row, r
+
+
 def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer: Optional[str] = None,
                    data=None, spec_path: str = "", use_triton: Optional[bool] = None, tune: bool = False,
                    log=print, out_file=None) -> dict:
@@ -239,29 +269,8 @@ def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer:
         for beam in cfg.beams:
             for size in cfg.batches:
                 log(f"{v.name}: {n} sentences of {sents.stem}, beam {beam}, {size} per batch")
-                t_row = time.perf_counter()
-                r = time_ours(eng, sents, beam, size, forced, ev, cfg, device)
-                outs = r["outputs"]
-                steps = np.array([len(o) for o in outs], dtype=np.int64) if forced_mode else steps_run(outs, limits)
-                tokens = int(steps.sum())
-                total_s, enc_s = r["total"]["median_s"], r["encoder"]["median_s"]
-                bound = sentence_bound(m, r["batches"], src_len, steps, beam, cfg.dtype, ceil)
-                bound_s = bound["encoder_s"] + bound["decoder_s"]
-                row = {"variant": v.name, "impl": "ours", "beam": beam, "batch_sentences": size, "sentences": n,
-                       "target_tokens": tokens, "forced_lengths": forced_mode, "median_s": total_s,
-                       "min_s": r["total"]["min_s"], "max_s": r["total"]["max_s"], "repeats": cfg.repeats,
-                       **_rates(n, tokens, total_s, enc_s),
-                       "engine_decoder_s": r["decoder"]["median_s"],
-                       "bound_us_per_token": bound_s * 1e6 / tokens,
-                       "bound_encoder_us_per_token": bound["encoder_s"] * 1e6 / tokens,
-                       "bound_decoder_us_per_token": bound["decoder_s"] * 1e6 / tokens,
-                       "x_bound": total_s / bound_s if bound_s else None, "dtype": cfg.dtype,
-                       "impl_detail": eng.describe()}
-                if forced_mode:
-                    row["forced_equals_reference"] = bool(np.array_equal(steps, forced))
-                row["first_pass_wall_s"] = r["first_pass_wall_s"]
-                row["repeats_wall_s"] = r["repeats_wall_s"]
-                row["row_wall_s"] = time.perf_counter() - t_row
+                row, r = _ours_row(v, eng, sents, beam, size, forced, limits, src_len, ev, cfg, device, ceil)
+                outs, total_s = r["outputs"], row["median_s"]
                 rows.append(row)
                 log(f"{v.name}: ours, beam {beam}, {size} per batch done in {row['row_wall_s']:.1f} s wall "
                     f"(first pass with graph captures {r['first_pass_wall_s']:.1f} s, {cfg.repeats} timed repeats "

@@ -262,18 +262,13 @@ def _collect_results(root: Path, col: Collection) -> None:
         d = _load_json(p)
         if isinstance(d, Exception):   # e.g. a truncated decode-bench result: say so, never drop it silently
             col.excluded.append((str(p), f"unreadable JSON ({d})"))
-        elif isinstance(d, dict) and d.get("kind") == "decode-bench":
-            problem = _bench_problem(d)
+        elif isinstance(d, dict) and d.get("kind") in ("decode-bench", "decode-bench-real"):
+            real = d["kind"] == "decode-bench-real"
+            problem = _real_bench_problem(d) if real else _bench_problem(d)
             if problem:
                 col.excluded.append((str(p), problem))
             else:
-                col.benches.append((p, d))
-        elif isinstance(d, dict) and d.get("kind") == "decode-bench-real":
-            problem = _real_bench_problem(d)
-            if problem:
-                col.excluded.append((str(p), problem))
-            else:
-                col.real_benches.append((p, d))
+                (col.real_benches if real else col.benches).append((p, d))
         elif isinstance(d, dict) and d.get("kind") == "multi-gpu":
             if all(isinstance(d.get(k, {}), dict) and all(isinstance(x, dict) for x in d.get(k, {}).values())
                    for k in ("training", "decoding")):
