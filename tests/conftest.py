@@ -28,6 +28,21 @@ def shared_data() -> Path:
 TINY = EXPERIMENTS / "tiny.yaml"
 
 
+def write_tiny_lm_spec(folder: Path, steps: int) -> Path:
+    """The tiny spec as a decoder-only language model (multi-query row) on Multi30k's German side, trained
+    for ``steps`` steps; written to ``folder/tiny_lm.yaml``."""
+    import yaml
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(name="tiny_lm", variants={"multi_query": {"model": {"n_kv_heads": 1}}})
+    raw["model"].update(kind="decoder-only", encoder_layers=0)
+    raw["data"].update(src_lang=None, tgt_lang=None, file_pattern="{stem}.de", hub=None, too_long="truncate")
+    raw["training"].update(steps=steps, eval_every=steps, checkpoint_every=steps, log_every=10, batch_tokens=1024)
+    spec = Path(folder) / "tiny_lm.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    return spec
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, shared_data) -> Path:
     from mqa_repro.prepare import prepare

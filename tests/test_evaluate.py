@@ -3,18 +3,16 @@ the saved hypothesis and reference files, perplexity and provenance are recorded
 perplexity, and bad run directories are one line."""
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-import yaml
 
 from mqa_repro.errors import UserError
 from mqa_repro.evaluate import evaluate_run
 
-from .conftest import EXPERIMENTS, ROOT, TINY
+from .conftest import ROOT, write_tiny_lm_spec
 
 
 def cli(*args, timeout=300):
@@ -91,13 +89,7 @@ def test_bad_run_directories(tiny_run, tmp_path):
 def test_language_model_perplexity_per_subword_and_per_word(shared_data, tmp_path):
     """A tiny decoder-only model on the German side of Multi30k: per-word perplexity is the same total
     log-likelihood spread over whitespace words (+ EOS per sentence)."""
-    raw = yaml.safe_load(TINY.read_text())
-    raw.update(name="tiny_lm", variants={"multi_query": {"model": {"n_kv_heads": 1}}})
-    raw["model"].update(kind="decoder-only", encoder_layers=0)
-    raw["data"].update(src_lang=None, tgt_lang=None, file_pattern="{stem}.de", hub=None, too_long="truncate")
-    raw["training"].update(steps=20, eval_every=20, checkpoint_every=20, log_every=10, batch_tokens=1024)
-    spec = tmp_path / "tiny_lm.yaml"
-    spec.write_text(yaml.safe_dump(raw))
+    spec = write_tiny_lm_spec(tmp_path, 20)
     data = tmp_path / "data"
     r = cli("prepare", str(spec), "--data-dir", str(shared_data), "--out", str(data))
     assert r.returncode == 0, r.stderr

@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from mqa_repro.errors import UserError
 from mqa_repro.evaluate import evaluate_run
 from mqa_repro.translate import load_for_inference, run, split_lines
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, write_tiny_lm_spec
 
 
 def cli(*args, input=None, timeout=300, env=None):
@@ -147,13 +146,7 @@ def lm_run(shared_data, tmp_path_factory):
     from mqa_repro.train import train_variant
 
     root = tmp_path_factory.mktemp("lm")
-    raw = yaml.safe_load(TINY.read_text())
-    raw.update(name="tiny_lm", variants={"multi_query": {"model": {"n_kv_heads": 1}}})
-    raw["model"].update(kind="decoder-only", encoder_layers=0)
-    raw["data"].update(src_lang=None, tgt_lang=None, file_pattern="{stem}.de", hub=None, too_long="truncate")
-    raw["training"].update(steps=30, eval_every=30, checkpoint_every=30, log_every=10, batch_tokens=1024)
-    spec = root / "tiny_lm.yaml"
-    spec.write_text(yaml.safe_dump(raw))
+    spec = write_tiny_lm_spec(root, 30)
     s = load_spec(spec)
     data = root / "data"
     prepare(s, data_dir=shared_data, out=data, progress=False)
