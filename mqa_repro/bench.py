@@ -44,6 +44,8 @@ class BenchConfig:
     device: str
     train: bool = True
     train_tokens: int = 32768
+    train_compile: Optional[bool] = None   # the training row's step.StepOptions (None: auto, as train)
+    train_fused: Optional[bool] = None
     attention: str = "triton"   # or "torch" (the CPU always uses torch)
     check: bool = True          # engine == model.decode_step, graph == eager, fixed == real-input path
     tune: bool = True           # CUDA: time kernel launches and product choices on the device (else fixed)
@@ -250,7 +252,7 @@ def bench_training(variant, cfg: BenchConfig, device, ceil: rl.Ceilings, options
     rows = max(1, cfg.train_tokens // seq)
     model = build_model(variant, device, cfg.dtype, train=True).train()
     opt = build_optimizer(model, t)
-    options = options or StepOptions()
+    options = options or StepOptions(compile=cfg.train_compile, fused_optimizer=cfg.train_fused)
     train_step = TrainStep(model, opt, t, device, options=options)
     seq2seq = m.is_seq2seq
     src = random_tokens(rows, seq, m.vocab_size, "cpu", 1) if seq2seq else None

@@ -63,7 +63,8 @@ def decode_bench(spec: Path, variant=None, checkpoint: Optional[Path] = None, pe
 
 
 def _fixed(spec, s, variants, state, peer, out_file, *, batch_size, src_len, tgt_len, beam, device, dtype, repeats,
-           format, attention, tune, train, check, sweep, sweep_values, refresh_ceilings, **_real_only) -> None:
+           format, attention, tune, train, train_compile, train_fused, check, sweep, sweep_values, refresh_ceilings,
+           **_real_only) -> None:
     """The Table 2 rows (or a sweep) at fixed shapes: time, write ``out_file`` (JSON, or CSV by suffix), print."""
     from . import bench
     from .provenance import write_json_atomic, write_text_atomic
@@ -86,7 +87,8 @@ def _fixed(spec, s, variants, state, peer, out_file, *, batch_size, src_len, tgt
     dev = resolve_device(device)
     cfg = bench.default_config(variants[0], dev, batch=batch_size, src_len=src_len, tgt_len=tgt_len,
                                beams=sorted(set(beam)) if beam else None, repeats=repeats, dtype=dtype,
-                               train=train, check=check, attention=attention, tune=tune, sweep=sweep,
+                               train=train, train_compile=train_compile, train_fused=train_fused, check=check,
+                               attention=attention, tune=tune, sweep=sweep,
                                sweep_values=list(sweep_values) if sweep_values else None)
     res = bench.run_bench(variants, cfg, state, peer, spec_path=str(spec), log=say,
                           refresh_ceilings=refresh_ceilings)
@@ -106,6 +108,9 @@ def _real(spec, s, variants, state, peer, out_file, *, beam, device, dtype, repe
 
     if peer == "hf":
         raise UserError("--peer hf times fixed shapes only (Marian on random weights); use --peer ct2 with --real")
+    if _fixed_only.get("train_compile") is not None or _fixed_only.get("train_fused") is not None:
+        raise UserError("--compile/--no-compile and --fused-optimizer/--plain-optimizer set up the training row, "
+                        "which --real does not time")
     _positive((("--max-sentences", [max_sentences] if max_sentences is not None else []),
                ("--sentences-per-batch", sentences_per_batch or []), ("--repeats", [repeats] if repeats else []),
                ("--beam", beam or [])))

@@ -320,6 +320,11 @@ def decode_bench(
                                           "decoder us/token across the sweep instead of the Table 2 rows."),
     sweep_values: Optional[List[int]] = typer.Option(None, "--sweep-value", help="Sweep points (repeatable)."),
     train: bool = typer.Option(True, "--train/--no-train", help="Time the training step too."),
+    train_compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="The training row: "
+                                                 "torch.compile the model's forward and the loss, as train "
+                                                 "does (default: on CUDA only)."),
+    train_fused: Optional[bool] = typer.Option(None, "--fused-optimizer/--plain-optimizer", help="The training "
+                                               "row: fused AdamW / foreach Adafactor (default: on CUDA only)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Check the decoding engine against the model first."),
     attention: str = typer.Option("triton", "--attention", help="Decode attention on CUDA: triton or torch."),
     refresh_ceilings: bool = typer.Option(False, "--refresh-ceilings", help="Measure the device's bandwidth and "
@@ -353,7 +358,8 @@ def decode_bench(
     run_decode_bench(spec, variant, checkpoint=checkpoint, peer=peer, real=real, out_file=out_file,
                      batch_size=batch_size, src_len=src_len, tgt_len=tgt_len, beam=beam, device=device.value,
                      dtype=dtype.value if dtype else None, repeats=repeats, format=format.value, attention=attention,
-                     tune=tune, train=train, check=check, sweep=sweep.value if sweep else None,
+                     tune=tune, train=train, train_compile=train_compile, train_fused=train_fused, check=check,
+                     sweep=sweep.value if sweep else None,
                      sweep_values=sweep_values, refresh_ceilings=refresh_ceilings, test_set=test_set, data=data,
                      max_sentences=max_sentences, sentences_per_batch=sentences_per_batch,
                      peer_threads=peer_threads)

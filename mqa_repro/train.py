@@ -336,7 +336,9 @@ class _Run:
             # one process needs no vote: its own signal flag stops it at once (under DDP the ranks agree
             # through the vote in the step's all-reduced numbers, read one step late)
             signalled = not self.d.on and stop.signum != 0
-            if evaluating or saving or stop_votes or signalled or step == end:
+            # on the CPU a step is done when its call returns: reading it at once costs nothing and keeps each
+            # log record's time on its own steps
+            if evaluating or saving or stop_votes or signalled or step == end or self.dev.type == "cpu":
                 stop_votes = self._read(pending) or stop_votes or signalled  # never save an unread step
                 pending = None
             paused = time.perf_counter()

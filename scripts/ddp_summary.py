@@ -41,8 +41,9 @@ def main() -> None:
     training = {}
     for v in ("multi_head", "multi_query"):
         one, two, same = runs.get(f"{v}_1gpu_16k"), runs.get(f"{v}_2gpu_32k"), runs.get(f"{v}_1gpu_32k")
-        if not (one and two and same):
+        if not (one and two):
             continue
+        same = same or {"loss": []}      # the same-global-batch run is optional (two_gpus.sh SAME_BATCH=0)
         n = min(len(two["loss"]), len(same["loss"]))
         rel = [abs(x - y) / y for x, y in zip(two["loss"][:n], same["loss"][:n])]
         training[v] = {
@@ -51,7 +52,7 @@ def main() -> None:
             "scaling_2gpu_over_1gpu": two["tokens_per_s"] / one["tokens_per_s"],
             "loss_curve_max_rel_diff_2gpu_vs_1gpu_same_global_batch": max(rel) if rel else None,
             "loss_first_last_2gpu": [two["loss"][0], two["loss"][-1]],
-            "loss_first_last_1gpu_same_global_batch": [same["loss"][0], same["loss"][-1]],
+            "loss_first_last_1gpu_same_global_batch": [same["loss"][0], same["loss"][-1]] if n else None,
         }
     def greedy(path):
         d = json.loads(path.read_text())
@@ -88,7 +89,7 @@ def main() -> None:
     for v, t in training.items():
         print(f"{v}: {t['tokens_per_s_1gpu_per_gpu_batch_16k']:.0f} -> {t['tokens_per_s_2gpu_per_gpu_batch_16k']:.0f} "
               f"tok/s ({t['scaling_2gpu_over_1gpu']:.2f}x); loss curves 2 GPU vs 1 GPU same global batch: max rel "
-              f"diff {t['loss_curve_max_rel_diff_2gpu_vs_1gpu_same_global_batch']:.2e}")
+              f"diff {t['loss_curve_max_rel_diff_2gpu_vs_1gpu_same_global_batch']}")
     for v, d in decoding.items():
         print(f"decode {v}: 1 GPU {d['us_per_token_1gpu']:.3g} us/token (bound {d['bound_us_per_token_1gpu']:.3g}); "
               f"2 GPUs {d['us_per_token_2gpu_batch_sharded']:.3g} us/token ({d['speedup_2gpu']:.2f}x)")

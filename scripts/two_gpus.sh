@@ -25,7 +25,7 @@ run() {  # name nproc batch_tokens variant
   if [ "$nproc" = 1 ]; then python3 -m mqa_repro "${args[@]}"
   else python3 -m torch.distributed.run --standalone --nproc_per_node=$nproc -m mqa_repro "${args[@]}"; fi
 }
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && [ "${DECODE:-1}" = 1 ]; then   # DECODE=0: training only
   # Decoding with the batch split over the two GPUs, each holding whole sequences (Pope et al. shard a
   # multi-query cache over the batch): one process per GPU, both at once, each timing its half.
   BENCH=(decode-bench $SPEC --variant multi_head --variant multi_query --beam 1 --no-train --src-len 128 --tgt-len 128)
@@ -35,10 +35,11 @@ if [ "$DEVICE" = cuda ]; then
   wait
 fi
 BUDGET_S=${BUDGET_S:-100000}   # start no new training run after this many seconds
-for v in multi_query multi_head; do
+for v in ${VARIANTS:-multi_query multi_head}; do
   run "${v}_1gpu_16k" 1 16384 $v     # per-GPU batch 16k on one GPU
   run "${v}_2gpu_32k" 2 32768 $v     # per-GPU batch 16k on two GPUs: tokens/s should be ~2x
-  run "${v}_1gpu_32k" 1 32768 $v     # same global batch as the 2-GPU run: the loss curves should match
+  # same global batch as the 2-GPU run: the loss curves should match (SAME_BATCH=0 skips it)
+  if [ "${SAME_BATCH:-1}" = 1 ]; then run "${v}_1gpu_32k" 1 32768 $v; fi
 done
 tar czf "$OUT/runs.tgz" -C "$OUT" runs
 python3 scripts/ddp_summary.py "$OUT/runs" "$OUT" --out "$OUT/summary.json"
