@@ -38,11 +38,108 @@ def lr_at(step: int, t) -> float:
     return t.lr * warm
 
 
+class Adafactor(torch.optim.Adafactor):
+    """``torch.optim.Adafactor`` (same hyper-parameters, state and update) whose ``foreach=True`` step never
+    waits for the device.
+
+    torch's multi-tensor step reads two norms per parameter to the host (``.item()``: the parameter's RMS
+    for the relative step size and the update's RMS for update clipping), so the host stops twice per
+    parameter and the device idles while it launches the next kernels; on an H200 at the paper's shape
+    that made the optimizer about 25 ms of a 150 ms step (notes/training-speed.md). Here those scalars stay
+    on the device: the norms of all parameters (and of all updates) are one multi-tensor norm, the step
+    sizes a vector, applied by a multi-tensor multiply. The step counts are the CPU scalars torch keeps,
+    so the decay rate and the relative step cap are host numbers as in torch. ``foreach=False`` is torch's
+    own per-parameter loop. Equal to torch's update within float32 rounding (tests/test_step.py).
+    Raises RuntimeError for sparse or complex gradients, as torch's does.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not all(g.get("foreach") for g in self.param_groups):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._group_step(group, params)
+        return loss
+
+    def _state(self, p: torch.Tensor) -> dict:
+        if p.grad.is_sparse or torch.is_complex(p):
+            raise RuntimeError("Adafactor does not support sparse gradients or complex parameters")
+        state = self.state[p]
+        if not state:   # as torch.optim.Adafactor: a CPU step count, factored moments for matrices
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            if p.grad.dim() > 1:
+                state["row_var"] = p.grad.new_zeros((*p.grad.shape[:-1], 1))
+                state["col_var"] = p.grad.new_zeros((*p.grad.shape[:-2], 1, p.grad.shape[-1]))
+            else:
+                state["variance"] = torch.zeros_like(p.grad)
+        return state
+
+    def _group_step(self, group: dict, params: list) -> None:
+        lr, wd, d = float(group["lr"]), group["weight_decay"], group["d"]
+        eps1, eps2 = group["eps"]
+        states = [self._state(p) for p in params]
+        grads = [(-p.grad if group["maximize"] else p.grad) for p in params]
+        steps = []
+        for st in states:
+            st["step"] += 1
+            steps.append(float(st["step"]))
+        dev = params[0].device
+        decay = [s ** group["beta2_decay"] for s in steps]                        # 1 - beta2_t
+        rho = torch.tensor([min(lr, s ** -0.5) for s in steps], device=dev)
+        root_n = torch.tensor([p.numel() ** 0.5 for p in params], device=dev)
+        # relative step size: max(eps2, RMS(p)) * rho, from the parameters before weight decay
+        alpha = (torch.stack(torch._foreach_norm(params)).float() / root_n).clamp_min(eps2) * rho
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        updates = [None] * len(params)
+        mats = [i for i, p in enumerate(params) if p.dim() > 1]
+        vecs = [i for i, p in enumerate(params) if p.dim() <= 1]
+        if mats:
+            g = [grads[i] for i in mats]
+            rows = [states[i]["row_var"] for i in mats]
+            cols = [states[i]["col_var"] for i in mats]
+            row_sq = [torch.linalg.vector_norm(x, dim=-1, keepdim=True) for x in g]
+            torch._foreach_mul_(row_sq, row_sq)
+            torch._foreach_div_(row_sq, [x.size(-1) for x in g])
+            torch._foreach_lerp_(rows, row_sq, [decay[i] for i in mats])
+            col_sq = [torch.linalg.vector_norm(x, dim=-2, keepdim=True) for x in g]
+            torch._foreach_mul_(col_sq, col_sq)
+            torch._foreach_div_(col_sq, [x.size(-2) for x in g])
+            torch._foreach_lerp_(cols, col_sq, [decay[i] for i in mats])
+            est = [r @ c for r, c in zip(rows, cols)]
+            row_means = [r.mean(dim=-2, keepdim=True) for r in rows]
+            torch._foreach_clamp_min_(row_means, eps1 if eps1 is not None else torch.finfo(g[0].dtype).eps)
+            torch._foreach_div_(est, row_means)
+            for i, e in zip(mats, est):
+                updates[i] = e
+        if vecs:
+            g = [grads[i] for i in vecs]
+            var = [states[i]["variance"] for i in vecs]
+            torch._foreach_lerp_(var, torch._foreach_mul(g, g), [decay[i] for i in vecs])
+            for i, v in zip(vecs, var):
+                updates[i] = v.clone()
+        e1 = eps1 if eps1 is not None else torch.finfo(params[0].dtype).eps
+        torch._foreach_clamp_min_(updates, e1 * e1)
+        torch._foreach_rsqrt_(updates)
+        torch._foreach_mul_(updates, grads)
+        # update clipping: divide by max(1, RMS(update) / d)
+        clip = (torch.stack(torch._foreach_norm(updates)).float() / (root_n * d)).clamp_min(1.0)
+        torch._foreach_mul_(updates, list((-alpha / clip).unbind(0)))
+        torch._foreach_add_(params, updates)
+
+
 def implementation_for(device: torch.device, optimizer: str, fast: Optional[bool] = None) -> dict:
     """Keyword arguments for the optimizer's constructor choosing its implementation on ``device``.
 
-    ``fast``: AdamW fused (one kernel for all parameters), Adafactor foreach (multi-tensor kernels; torch
-    has no fused Adafactor). None: fast on CUDA, torch's plain per-parameter loop on the CPU."""
+    ``fast``: AdamW fused (one kernel for all parameters), Adafactor foreach (multi-tensor kernels with no
+    host synchronisation: :class:`Adafactor`). None: fast on CUDA, torch's plain per-parameter loop on the
+    CPU."""
     fast = torch.device(device).type == "cuda" if fast is None else bool(fast)
     if optimizer == "adafactor":
         return {"foreach": fast}
@@ -62,7 +159,7 @@ def build_optimizer(model: torch.nn.Module, t, fast: Optional[bool] = None) -> t
     if t.optimizer == "adafactor":
         if not hasattr(torch.optim, "Adafactor"):
             raise UserError("training.optimizer adafactor needs torch >= 2.5 (torch.optim.Adafactor)")
-        return torch.optim.Adafactor(groups, lr=lr_at(1, t), **impl)
+        return Adafactor(groups, lr=lr_at(1, t), **impl)
     return torch.optim.AdamW(groups, lr=lr_at(1, t), betas=tuple(t.betas), eps=1e-9, **impl)
 
 

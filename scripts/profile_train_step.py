@@ -3,6 +3,7 @@
 target and 256 source tokens, bf16 autocast), after its warm-up. A development tool (notes/training-speed.md).
 
     PYTHONPATH=. python3 scripts/profile_train_step.py [--variant multi_head] [--no-compile] [--steps 3]
+        [--micro-tokens N]
 """
 import argparse
 
@@ -19,6 +20,7 @@ ap.add_argument("--variant", default="multi_head")
 ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
 ap.add_argument("--steps", type=int, default=3)
 ap.add_argument("--rows", type=int, default=40)
+ap.add_argument("--micro-tokens", type=int, default=None, help="override training.micro_batch_tokens")
 args = ap.parse_args()
 
 v = load_spec("experiments/wmt14_ende.yaml").variants[args.variant]
@@ -32,7 +34,7 @@ src = random_tokens(rows, seq, v.model.vocab_size, "cpu", 1)
 tgt = random_tokens(rows, seq + 1, v.model.vocab_size, "cpu", 2)
 tgt[:, 0] = BOS
 ones = torch.ones(rows, seq, dtype=torch.long)
-micro = max(1, (v.training.micro_batch_tokens or rows * seq) // seq)
+micro = max(1, (args.micro_tokens or v.training.micro_batch_tokens or rows * seq) // seq)
 host = [Batch(tgt[r:r + micro, :-1], tgt[r:r + micro, 1:], ones[r:r + micro], src[r:r + micro], ones[r:r + micro])
         for r in range(0, rows, micro)]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mqa_repro.model import BOS, PAD, Transformer
-from mqa_repro.optim import build_optimizer, lr_at, set_implementation
+from mqa_repro.optim import Adafactor, build_optimizer, lr_at, set_implementation
 from mqa_repro.specfile import apply_overrides, load_spec
 from mqa_repro.step import Batch, StepOptions, TrainStep, pad_lengths
 
@@ -100,6 +100,41 @@ def test_fused_and_foreach_optimizers_compute_the_plain_update(optimizer):
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-5, atol=0)
     for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_foreach_adafactor_is_torchs_update_without_reading_the_device(monkeypatch):
+    """mqa_repro.optim.Adafactor(foreach=True) == torch.optim.Adafactor's per-parameter loop (matrices, a 3-D
+    tensor, vectors; weight decay; maximize), state included, and its step never calls Tensor.item (torch's
+    multi-tensor step reads two norms per parameter to the host)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 48), (33, 17), (5, 6, 7), (48,), (3,)]
+    start = [torch.randn(s, generator=g) * (0.01 if i == 1 else 1) for i, s in enumerate(shapes)]
+    for maximize in (False, True):
+        a = [p.clone().requires_grad_() for p in start]
+        b = [p.clone().requires_grad_() for p in start]
+        ref = torch.optim.Adafactor([{"params": a[:3], "weight_decay": 0.1}, {"params": a[3:]}], lr=0.05,
+                                    foreach=False, maximize=maximize)
+        ours = Adafactor([{"params": b[:3], "weight_decay": 0.1}, {"params": b[3:]}], lr=0.05, foreach=True,
+                         maximize=maximize)
+        for k in range(12):
+            for x, y in zip(a, b):
+                x.grad = torch.randn(x.shape, generator=g) * (1 + k)
+                y.grad = x.grad.clone()
+            for o in (ref, ours):
+                for group in o.param_groups:
+                    group["lr"] = 0.05 / (1 + k)
+            ref.step()
+            with monkeypatch.context() as m:
+                m.setattr(torch.Tensor, "item", lambda self: pytest.fail("Adafactor.step read a tensor"))
+                ours.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
+        sa, sb = ref.state_dict()["state"], ours.state_dict()["state"]
+        assert sa.keys() == sb.keys()
+        for i in sa:
+            assert sa[i].keys() == sb[i].keys()
+            for key in sa[i]:
+                torch.testing.assert_close(sb[i][key], sa[i][key], rtol=1e-6, atol=1e-9)
 
 
 def test_implementation_survives_load_state_dict():
