@@ -383,15 +383,18 @@ def table_multi_gpu(path: Path, summary: dict) -> Optional[Table]:
                      "dec_1": d.get("us_per_token_1gpu"), "dec_bound": d.get("bound_us_per_token_1gpu"),
                      "dec_2": d.get("us_per_token_2gpu_batch_sharded"), "dec_speedup": d.get("speedup_2gpu")})
     prov = summary.get("provenance", {})
-    dev = (summary.get("decode_device") or {}).get("name", "?")
+    run_devs = [r.get("device") for r in summary.get("runs", {}).values() if isinstance(r.get("device"), dict)]
+    dev = (summary.get("decode_device") or (run_devs[0] if run_devs else {})).get("name", "?")
     one = next(iter(dec.values()), {})
+    decoding = (f" Decoding: greedy, batch {one.get('batch', '?')}, {one.get('src_len', '?')}/{one.get('tgt_len', '?')}"
+                f" tokens, each GPU holding half of the sequences (K/V cache sharded over the batch)." if dec else
+                " Decoding not measured in this file.")
     cap = (f"Two GPUs ({dev}) against one: {path.parent.name}/{path.name}. Training: the paper-size model, "
            f"16k target tokens per GPU per step, DDP through torchrun and NCCL; the loss curve of 2 GPUs is "
-           f"compared with 1 GPU at the same global batch (32k). Decoding: greedy, batch "
-           f"{one.get('batch', '?')}, {one.get('src_len', '?')}/{one.get('tgt_len', '?')} tokens, each GPU "
-           f"holding half of the sequences (K/V cache sharded over the batch). {summary.get('notes', '')}; "
-           f"code {str(prov.get('git_sha', '?'))[:12]}.")
-    return Table(f"multigpu_{path.parent.name}", f"Two GPUs against one ({path.parent.name})", cols, rows, cap)
+           f"compared with 1 GPU at the same global batch (32k) where that run was made.{decoding} "
+           f"{summary.get('notes', '')}; code {str(prov.get('git_sha', '?'))[:12]}.")
+    return Table(f"multigpu_{path.parent.name}_{path.stem}", f"Two GPUs against one ({path.parent.name}/{path.name})",
+                 cols, rows, cap)
 
 
 
@@ -455,5 +458,7 @@ def table_real(path: Path, doc: dict) -> Table:
            f"encoder clock, decoder = whole - encoder; fraction of roofline = bound of the work done / measured "
            f"time. CTranslate2 {', '.join(versions) or '(not run)'} on the same weights and sentences"
            + (f", method: {'; '.join(methods)}" if methods else "") + "."
-           + (f" CTranslate2 skipped: {'; '.join(skipped)}." if skipped else ""))
+           + (f" CTranslate2 skipped: {'; '.join(skipped)}." if skipped else "")
+           + (" Incomplete: the run stopped (its time limit) after the rows shown; the grid's other rows were not "
+              "measured." if doc.get("complete") is False else ""))
     return _bench_table("real", "Translation throughput on real sentences", dev, path, cols, rows, cap)

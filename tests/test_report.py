@@ -151,10 +151,10 @@ def test_cost_model_multi_gpu_and_notes(pipeline, tmp_path):
     assert r.returncode == 0, r.stderr
     j = json.loads(r.stdout)
     keys = [t["key"] for t in j["tables"]]
-    assert sum(k.startswith("table2_") for k in keys) == 1 and "multigpu_pair" in keys
+    assert sum(k.startswith("table2_") for k in keys) == 1 and "multigpu_pair_summary" in keys
     t1 = next(t for t in j["tables"] if t["key"] == "table1_tiny")
     assert next(row for row in t1["rows"] if row["variant"] == "multi_head")["seeds"] == 1
-    mgt = next(t for t in j["tables"] if t["key"] == "multigpu_pair")
+    mgt = next(t for t in j["tables"] if t["key"] == "multigpu_pair_summary")
     assert {row["variant"] for row in mgt["rows"]} == {"multi_head", "multi_query"}
     # the cost model's prediction with the measured ceilings is decode-bench's own roofline bound
     bench = json.loads((results / "tiny" / "bench" / "cpu.json").read_text())
