@@ -120,15 +120,20 @@ def test_argmax_kernel_every_launch_candidate():
         assert torch.equal(a, x.argmax(-1)) and torch.equal(b, a), cfg
 
 
+def _embed_inputs(seed: int, dt):
+    """Generator, width, embedding (50 x 96), 7 positions, 5 token ids and a LayerNorm, on DEV in ``dt``."""
+    g = torch.Generator().manual_seed(seed)
+    vocab, d = 50, 96
+    emb = torch.randn(vocab, d, generator=g).to(DEV, dt)
+    pos = torch.randn(7, d, generator=g).to(DEV, dt)
+    tok = torch.tensor([0, 49, 3, 3, 17], device=DEV)
+    return g, d, emb, pos, tok, torch.nn.LayerNorm(d).to(DEV, dt)
+
+
 @needs_triton
 def test_embed_layernorm_kernel_matches_torch():
     for dt in DTYPES:
-        g = torch.Generator().manual_seed(5)
-        vocab, d = 50, 96
-        emb = torch.randn(vocab, d, generator=g).to(DEV, dt)
-        pos = torch.randn(7, d, generator=g).to(DEV, dt)
-        tok = torch.tensor([0, 49, 3, 3, 17], device=DEV)
-        norm = torch.nn.LayerNorm(d).to(DEV, dt)
+        g, d, emb, pos, tok, norm = _embed_inputs(5, dt)
         with torch.no_grad():
             norm.weight.copy_(torch.rand(d, generator=g) + 0.5)
             norm.bias.copy_(torch.randn(d, generator=g))
@@ -237,13 +242,8 @@ def test_decode_attention_reads_only_each_rows_own_length(share, indirect, time_
 @needs_triton
 def test_embed_layernorm_per_row_positions_and_argmax_limits():
     for dt in DTYPES:
-        g = torch.Generator().manual_seed(8)
-        vocab, d = 50, 96
-        emb = torch.randn(vocab, d, generator=g).to(DEV, dt)
-        pos = torch.randn(7, d, generator=g).to(DEV, dt)
-        tok = torch.tensor([0, 49, 3, 3, 17], device=DEV)
+        g, d, emb, pos, tok, norm = _embed_inputs(8, dt)
         at = torch.tensor([0, 6, 2, 2, 5], device=DEV)
-        norm = torch.nn.LayerNorm(d).to(DEV, dt)
         with torch.no_grad():
             x, h = fd.embed_layernorm(tok, emb, pos, 9.8, norm, pos_N=at)
             want_x = torch.add(pos[at], emb[tok], alpha=9.8)
