@@ -37,15 +37,16 @@ def _emit(format: str, doc: dict, csv_text, show) -> None:
 
 
 def decode_bench(spec: Path, variant=None, checkpoint: Optional[Path] = None, peer: Optional[str] = None,
-                 real: bool = False, out_file: Optional[Path] = None, **options) -> None:
-    """Load ``spec`` (its ``variant`` names, or the checkpoint's variant), check the shared options, then
-    run the real-text bench (``real``) or the fixed-shape one with the command's other ``options``."""
+                 real: bool = False, out_file: Optional[Path] = None, overrides=None, **options) -> None:
+    """Load ``spec`` (its ``variant`` names, or the checkpoint's variant; ``overrides``: ``--set`` items
+    applied to each), check the shared options, then run the real-text bench (``real``) or the fixed-shape
+    one with the command's other ``options``."""
     from . import bench
     from .provenance import check_writable
-    from .specfile import load_spec
+    from .specfile import apply_overrides, load_spec
 
     s = load_spec(spec)
-    variants = s.select(variant)
+    variants = [apply_overrides(v, overrides) for v in s.select(variant)]
     if out_file is not None:
         check_writable(out_file, "file", "--out")
     state = None

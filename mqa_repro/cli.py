@@ -320,6 +320,10 @@ def decode_bench(
                                           "decoder us/token across the sweep instead of the Table 2 rows."),
     sweep_values: Optional[List[int]] = typer.Option(None, "--sweep-value", help="Sweep points (repeatable)."),
     train: bool = typer.Option(True, "--train/--no-train", help="Time the training step too."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a spec value of the variants timed, "
+                                             "validated like the spec: section.key=value (e.g. "
+                                             "training.micro_batch_tokens=32768), repeatable; recorded in the "
+                                             "JSON's variants and spec hashes."),
     train_compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="The training row: "
                                                  "torch.compile the model's forward and the loss, as train "
                                                  "does (default: on CUDA only)."),
@@ -355,7 +359,7 @@ def decode_bench(
     throughput translating a real test set instead (see --real)."""
     from .bench_cmd import decode_bench as run_decode_bench
 
-    run_decode_bench(spec, variant, checkpoint=checkpoint, peer=peer, real=real, out_file=out_file,
+    run_decode_bench(spec, variant, checkpoint=checkpoint, peer=peer, real=real, out_file=out_file, overrides=set_,
                      batch_size=batch_size, src_len=src_len, tgt_len=tgt_len, beam=beam, device=device.value,
                      dtype=dtype.value if dtype else None, repeats=repeats, format=format.value, attention=attention,
                      tune=tune, train=train, train_compile=train_compile, train_fused=train_fused, check=check,

@@ -5,10 +5,10 @@ CTranslate2 (``ct2``, optional dependency ``pip install mqa-repro[ct2]``): :func
 Transformer in ``ctranslate2.specs.TransformerSpec`` -- pre-norm blocks with a final layer norm on each
 stack, learned positions (``PositionEncoderSpec.encodings`` = our position tables), one embedding matrix
 scaled by sqrt(d_model) shared by encoder, decoder and output projection, bias-free projections (CT2's
-biases are optional), ReLU, layer-norm epsilon 1e-5 -- and :class:`CT2Model` runs it with
+biases are optional; the output projection's only masks the ids never emitted), ReLU, layer-norm epsilon 1e-5 -- and :class:`CT2Model` runs it with
 ``Translator.translate_batch``. The vocabulary is our SentencePiece model's pieces (padded to the model's
-``padded_vocab`` with unique placeholder pieces, which are suppressed like PAD and BOS, the tokens our
-search never emits: :func:`mqa_repro.decode.forbid_specials`).
+``padded_vocab`` with unique placeholder pieces, which get a bias of ``FORBIDDEN_LOGIT`` on the output
+projection like PAD and BOS, the tokens our search never emits: :func:`mqa_repro.decode.forbid_specials`).
 
 Multi-query attention has two forms in CTranslate2 (both ``num_heads_kv = 1``; labelled by ``mqa_form``):
 
@@ -37,6 +37,8 @@ import torch
 
 from .errors import UserError
 from .model import BOS, EOS, PAD, UNK, Transformer
+
+FORBIDDEN_LOGIT = -1e4   # added to the logits of ids never emitted (representable in fp16 and bf16)
 
 MQA_FORMS = {
     "one_head": "per-layer multi_query flag on the decoder self-attention: one K/V head cached",
@@ -146,6 +148,13 @@ def ct2_spec(model: Transformer, vocabulary: list, mqa_form: str = "one_head"):
     dec.position_encodings.encodings = _np(sd["tgt_pos.weight"])
     norm(dec.layer_norm, "dec_norm")
     dec.projection.weight = emb
+    # the ids our search never emits (PAD, BOS, the padding rows: decode.forbid_specials) get a bias of
+    # FORBIDDEN_LOGIT on the output projection instead of CTranslate2's suppress_sequences, whose GPU path keeps
+    # a sorted vector of batch x token indices built by insertion every step: quadratic in batch x tokens, it
+    # cost about 27 s per pass of newstest2014 at 1024 sentences per batch on an H200 (notes/engine.md)
+    bias = torch.zeros(m.padded_vocab)
+    bias[[PAD, BOS, *range(m.vocab_size, m.padded_vocab)]] = FORBIDDEN_LOGIT
+    dec.projection.bias = _np(bias)
     for i, layer in enumerate(dec.layer):
         p = f"decoder.{i}"
         self_attention(layer.self_attention, p)
@@ -195,9 +204,6 @@ class CT2Model:
         self.model_dir = model_dir
         self.translator = ct2.Translator(str(model_dir), device=device, compute_type=compute_type,
                                          intra_threads=threads)
-        v = model.spec.vocab_size
-        forbidden = [PAD, BOS] + list(range(v, model.spec.padded_vocab))
-        self.suppress = [[self.vocabulary[i]] for i in forbidden]
         self.version = ct2.__version__
 
     def describe(self) -> dict:
@@ -214,10 +220,10 @@ class CT2Model:
         """
         voc = self.vocabulary
         batch = [[voc[int(t)] for t in s] + [voc[EOS]] for s in sources]
-        suppress = self.suppress + ([] if eos else [[voc[EOS]]])
-        res = self.translator.translate_batch(
+        res = self.translator.translate_batch(   # PAD, BOS and padding ids: the projection's bias (ct2_spec)
             batch, beam_size=beam, length_penalty=alpha, max_decoding_length=max_len, min_decoding_length=min_len,
-            max_batch_size=max_batch_size, suppress_sequences=suppress, max_input_length=0, return_scores=False)
+            max_batch_size=max_batch_size, suppress_sequences=None if eos else [[voc[EOS]]], max_input_length=0,
+            return_scores=False)
         return [[self.index[t] for t in r.hypotheses[0]] for r in res]
 
     def close(self) -> None:

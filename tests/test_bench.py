@@ -199,6 +199,21 @@ def test_sweep_batch_zero_and_negative_lengths_are_one_line():
         assert "ceilings" not in r.stderr and r.stdout == ""
 
 
+def test_set_overrides_the_variants_timed_and_real_refuses_training_flags(tmp_path):
+    out = tmp_path / "bench.json"
+    bench(tmp_path, "json", out, "--no-check", "--set", "training.label_smoothing=0.2")
+    res = json.loads(out.read_text())
+    assert res["variants"]["multi_query"]["training"]["label_smoothing"] == 0.2
+    assert res["rows"][0]["measure"] == "train" and res["rows"][0]["label_smoothing"] == 0.2
+    for args, word in ((["--set", "training.nope=1"], "training.nope"), (["--real", "--no-compile"], "--compile")):
+        r = subprocess.run([sys.executable, "-m", "mqa_repro", "decode-bench", str(EXPERIMENTS / "tiny.yaml"),
+                            "--device", "cpu", "--variant", "multi_query", *args], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and word in lines[0], r.stderr
+        assert r.stdout == ""
+
+
 def test_checkpoint_that_is_not_one_is_one_sentence(tmp_path):
     from mqa_repro.bench import load_checkpoint
     from mqa_repro.errors import UserError
