@@ -97,6 +97,39 @@ def test_generate_equals_the_reference_path(row, sentences):
         assert got == oracle_generate(m, prompts, beam, 10), beam
 
 
+@pytest.mark.parametrize("row", ROWS)
+def test_compacting_a_batch_to_its_unfinished_sentences_changes_nothing(row, sentences, monkeypatch):
+    """Checked every step and compacting batches of any size: the unfinished sentences move into smaller
+    workspaces mid-decode (cache, ancestor table, encoder-decoder K/V, search state), and every output is
+    still the oracle's; forced lengths too."""
+    from mqa_repro.decode import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "CHECK_EVERY", 1)
+    monkeypatch.setattr(engine_mod, "COMPACT_MIN_ROWS", 2)
+    moves = []
+    compact = engine_mod.Engine._compact
+    monkeypatch.setattr(engine_mod.Engine, "_compact", lambda self, w, *a: moves.append(1) or compact(self, w, *a))
+    m, lm = make(row), make(row, "decoder-only")
+    prompts = [s[: len(s) // 2] for s in sentences[:6]] + [[]]
+    n_translate = n_generate = 0
+    for beam in (1, 4):
+        n = len(moves)
+        assert Engine(m).translate(sentences, beam=beam, **LIMITS) == oracle_translate(m, sentences, beam), beam
+        n_translate += len(moves) - n
+        n = len(moves)
+        assert Engine(lm).generate(prompts, beam=beam, max_new_tokens=10) == oracle_generate(lm, prompts, beam, 10)
+        n_generate += len(moves) - n
+    forced = [1 + i % 7 for i in range(len(sentences))]
+    for beam in (1, 4):
+        got = Engine(m).translate(sentences, beam=beam, forced_lengths=forced, **LIMITS)
+        assert [len(x) for x in got] == forced
+        n = len(moves)
+        got = Engine(lm).generate(prompts, beam=beam, forced_lengths=forced[:len(prompts)])
+        assert [len(x) for x in got] == forced[:len(prompts)]
+        n_generate += len(moves) - n
+    assert n_translate and n_generate      # both paths really moved sentences
+
+
 def test_beam_one_is_greedy_and_batching_and_early_stop_change_nothing(sentences, monkeypatch):
     from mqa_repro.decode import engine as engine_mod
     from mqa_repro.decode.search import Beam

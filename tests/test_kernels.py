@@ -289,6 +289,33 @@ def test_cuda_graphs_translate_what_eager_translates(name):
 
 
 @needs_cuda
+@pytest.mark.parametrize("name", ["multi_head", "multi_query_local"])
+def test_cuda_graphs_of_compacted_batches_decode_what_eager_decodes(name, monkeypatch):
+    """Batches moved mid-decode to their unfinished sentences (graphs captured mid-decode over the first rows
+    of the batch's memory, kept for the next batch) decode exactly what the eager engine decodes."""
+    from mqa_repro.bench import build_model
+    from mqa_repro.decode import Engine
+    from mqa_repro.decode import engine as engine_mod
+    from mqa_repro.specfile import load_spec
+
+    monkeypatch.setattr(engine_mod, "COMPACT_MIN_ROWS", 4)
+    moves = []
+    compact = engine_mod.Engine._compact
+    monkeypatch.setattr(engine_mod.Engine, "_compact", lambda self, w, *a: moves.append(1) or compact(self, w, *a))
+    v = load_spec(EXPERIMENTS / "tiny.yaml").variants[name]
+    model = build_model(v, torch.device("cuda"), "fp32")
+    g = torch.Generator().manual_seed(12)
+    srcs = [torch.randint(4, 1000, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (70,), generator=g)]
+    eager, graphs = Engine(model, graphs=False), Engine(model, graphs=True)
+    for beam in (1, 4):
+        forced = [1 + (7 * i) % 40 for i in range(len(srcs))]
+        want = eager.translate(srcs, beam=beam, batch_tokens=2000, forced_lengths=forced)
+        for _ in range(2):   # the second pass replays the kept graphs
+            assert graphs.translate(srcs, beam=beam, batch_tokens=2000, forced_lengths=forced) == want, beam
+    assert moves
+
+
+@needs_cuda
 def test_cuda_graphs_generate_what_eager_generates():
     from mqa_repro.bench import build_model
     from mqa_repro.decode import Engine

@@ -41,6 +41,22 @@ class DecodeCache:
         self.cross_BSGC: Optional[list] = None
         self.src_len_B: Optional[torch.Tensor] = None
 
+    @classmethod
+    def first_rows(cls, parent: "DecodeCache", batch: int) -> "DecodeCache":
+        """A cache over the first ``batch`` sentences of ``parent``: views of its slabs, ancestor tables and
+        encoder-decoder K/V (no new K/V memory; strided in the row dimension, which the attention reads by
+        stride). Used to carry on with a batch's unfinished sentences after moving them to the front."""
+        c = cls.__new__(cls)
+        c.batch, c.beam, c.d_k, c.d_v, c.window = batch, parent.beam, parent.d_k, parent.d_v, parent.window
+        c.rows = n = batch * parent.beam
+        c.length = parent.length
+        c.self_TNGC = [x[:, :n] for x in parent.self_TNGC]
+        c.arange_N = parent.arange_N[:n]
+        c.anc = [a[:, :n] for a in parent.anc] if parent.anc is not None else None
+        c.cross_BSGC = [x[:batch] for x in parent.cross_BSGC] if parent.cross_BSGC is not None else None
+        c.src_len_B = parent.src_len_B[:batch] if parent.src_len_B is not None else None
+        return c
+
     @property
     def slots(self) -> int:
         return self.self_TNGC[0].shape[0]

@@ -9,6 +9,9 @@ Real input (:meth:`Engine.translate`, :meth:`Engine.generate`):
   encoder-decoder attention), EOS per row, and a per-sentence limit min(cap, a * source length + b, positions
   left) (the spec's ``evaluation`` section); results come back in input order;
 * a batch stops once every row is done, checked every ``CHECK_EVERY`` steps (one host synchronisation);
+  at such a check a batch of ``COMPACT_MIN_ROWS`` rows or more whose unfinished sentences fit in half its
+  rows carries on with only those (moved to the front of its cache in place and decoded by a smaller
+  workspace over those rows), so finished rows stop costing a step;
 * on a GPU one step (decoder + search) is a CUDA graph, captured once per shape: rows, source length and
   decode length are rounded up to a few buckets (:func:`bucket`), so few shapes are captured; padding rows
   are empty sentences that finish at once;
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -36,6 +39,8 @@ from .search import Beam, Greedy, max_lengths
 from .step import DecoderStep
 
 CHECK_EVERY = 8          # steps between "is every row done?" checks (each one host synchronisation)
+COMPACT_MIN_ROWS = 64    # a batch of at least this many rows moves its unfinished sentences into a workspace
+                         # of half the rows or fewer once at least half of them are done (see _compact)
 MAX_WORKSPACES = 64      # captured shapes kept per engine (each holds its cache and graph), least recently
 WORKSPACE_MEMORY = 0.5   # used first out; and fewer while the device holds more than this share of its memory
 
@@ -63,6 +68,7 @@ class _Work:
     t_1: torch.Tensor                 # the step, [1] int64 on the device
     pos_max: int                      # the last position the cache and the position table hold
     graph: Optional[object] = None    # torch.cuda.CUDAGraph of one step
+    children: dict = field(default_factory=dict)   # rows -> the _Work over this one's first rows (_compact)
 
 
 class Engine:
@@ -265,7 +271,9 @@ class Engine:
         if not seq2seq:
             self._prefill(w, ids_t.repeat_interleave(k, 0), lens_t.repeat_interleave(k))
         done_at = int(limits.max())
-        t = 0
+        t, n = 0, b                    # n sentences in the workspace, slot i holding sentence slot_of[i]
+        slot_of = np.arange(b)
+        out = [None] * b
         while t < done_at:
             for _ in range(min(CHECK_EVERY, done_at - t)):
                 if w.graph is not None:
@@ -273,14 +281,89 @@ class Engine:
                 else:
                     self._dynamic_step(w)
                 t += 1
-            if bool(w.search.done[: b if isinstance(w.search, Beam) else b * k].all()):
+            done = w.search.done[:n].cpu().numpy()     # one host synchronisation
+            if done.all():
                 break
+            live = np.flatnonzero(~done)
+            rows_now = w.search.done.shape[0]
+            if t < done_at and rows_now >= COMPACT_MIN_ROWS and len(live) <= rows_now // 2:
+                for i, ids in zip(np.flatnonzero(done), self._results(w, n, np.flatnonzero(done))):
+                    out[slot_of[i]] = ids
+                w = self._compact(w, live, beam, steps, alpha, eos)
+                slot_of, n = slot_of[live], len(live)
         self.steps_run += t
-        out = w.search.results(b)
+        for i, ids in zip(range(n), w.search.results(n)):
+            out[slot_of[i]] = ids
         if self.timing:
             self._sync()
             self.decode_seconds += time.perf_counter() - t0
         return out
+
+    @staticmethod
+    def _results(w: _Work, n: int, which: np.ndarray) -> list:
+        """The results of sentence slots ``which`` (of the first ``n``)."""
+        res = w.search.results(n)
+        return [res[i] for i in which]
+
+    def _compact(self, w: _Work, live: np.ndarray, beam: int, steps: int, alpha: float, eos: bool) -> _Work:
+        """Carry on with sentence slots ``live`` of ``w`` (a batch at least half done) in a workspace of
+        bucket(len(live)) sentences over the FIRST rows of ``w``'s memory: the live sentences' self-attention
+        K/V, ancestor table and encoder-decoder K/V are moved to the front in place (the new cache is views of
+        them, so no K/V memory is added), their positions and search state copied into the new search (row
+        indices inside the ancestor table, the parents and the finished hypotheses renumbered); spare rows are
+        done. On a GPU the smaller workspace and its graph are kept with ``w`` for the next batch."""
+        k, m, dev = beam, len(live), self.device
+        rows = bucket(m, 1) if self.graphs else m
+        sel_B = torch.from_numpy(live).to(dev)
+        sel_N = (sel_B[:, None] * k + torch.arange(k, device=dev)).view(-1)
+        mk = m * k
+        shift_B = sel_B * k - torch.arange(m, device=dev) * k       # old row - new row, per sentence
+        shift_N = shift_B.repeat_interleave(k)
+        c = w.cache
+        for x in c.self_TNGC:                   # index_select copies first: moving rows forward in place is safe
+            x[:, :mk] = x.index_select(1, sel_N)
+        if c.anc is not None:
+            for a in c.anc:
+                a[:, :mk] = a.index_select(1, sel_N) - shift_N.to(a.dtype)
+                a[:, mk:rows * k] = c.arange_N[mk:rows * k]
+        if c.cross_BSGC is not None:
+            for x in c.cross_BSGC:
+                x[:m] = x.index_select(0, sel_B)
+            c.src_len_B[:m] = c.src_len_B.index_select(0, sel_B)
+            c.src_len_B[m:rows] = 1
+        w2 = w.children.get(rows)
+        if w2 is None:
+            w2 = self._new_work(DecodeCache.first_rows(c, rows), rows, beam, steps, w.pos_max, alpha, eos)
+            if self.graphs:
+                w.children[rows] = w2
+        w2.offset_N.zero_()
+        w2.offset_N[:mk] = w.offset_N.index_select(0, sel_N)
+        w2.t_1.copy_(w.t_1)
+        s, s2 = w.search, w2.search
+        s2.tok_N.fill_(PAD)
+        s2.tok_N[:mk] = s.tok_N.index_select(0, sel_N)
+        if isinstance(s, Beam):
+            s2.reset(s2.tok_N)                    # spare sentences: no hypotheses, done below
+            s2.limit_B.fill_(1)
+            s2.limit_B[:m] = s.limit_B.index_select(0, sel_B)
+            s2.scores_BK[:m] = s.scores_BK.index_select(0, sel_B)
+            s2.hist_TN[:, :mk] = s.hist_TN.index_select(1, sel_N)
+            s2.parent_TN[:, :mk] = s.parent_TN.index_select(1, sel_N) - shift_N
+            s2.parent_N[:mk] = s.parent_N.index_select(0, sel_N) - shift_N
+            for name in ("fin_scores_BK", "fin_step_BK", "fin_tok_BK", "fin_count_B", "done_B"):
+                getattr(s2, name)[:m] = getattr(s, name).index_select(0, sel_B)
+            s2.fin_row_BK[:m] = s.fin_row_BK.index_select(0, sel_B) - shift_B[:, None]
+            s2.done_B[m:] = True
+        else:
+            s2.limit_N.fill_(1)
+            s2.limit_N[:m] = s.limit_N.index_select(0, sel_B)
+            s2.out_TN.fill_(PAD)
+            s2.out_TN[:, :m] = s.out_TN.index_select(1, sel_B)
+            s2.done_N.fill_(True)
+            s2.done_N[:m] = s.done_N.index_select(0, sel_B)
+        if self.graphs and w2.graph is None:
+            w2.graph = self._capture(w2)
+        return w2
 
     def _workspace(self, key, rows, beam, steps, length, src_width, alpha, eos) -> _Work:
         if key in self._work:
@@ -294,17 +377,23 @@ class Engine:
         if src_width:
             cache.set_cross([torch.zeros(rows, src_width, m.n_kv_heads, m.d_k + m.d_v, device=dev, dtype=dt)
                              for _ in self.model.decoder], torch.ones(rows, dtype=torch.int32, device=dev))
+        w = self._new_work(cache, rows, beam, steps, min(length, m.max_positions) - 1, alpha, eos)
+        if self.graphs:
+            self._work[key] = w
+        return w
+
+    def _new_work(self, cache: DecodeCache, rows: int, beam: int, steps: int, pos_max: int, alpha: float,
+                  eos: bool) -> _Work:
+        """A workspace on ``cache`` with a fresh search of ``rows`` sentences (limits to be filled in)."""
+        dev = self.device
         lim = torch.ones(rows, dtype=torch.long, device=dev)
         if beam == 1:
             search = Greedy(rows, steps, dev, limit_N=lim, eos=eos, vocab_limit=self.vocab_limit,
                             tune=self.step.fused and self.step.tune)
         else:
             search = Beam(rows, beam, steps, dev, alpha=alpha, limit_B=lim, eos=eos, vocab_limit=self.vocab_limit)
-        w = _Work(cache, search, torch.zeros(rows * beam, dtype=torch.long, device=dev),
-                  torch.zeros(1, dtype=torch.long, device=dev), min(length, m.max_positions) - 1)
-        if self.graphs:
-            self._work[key] = w
-        return w
+        return _Work(cache, search, torch.zeros(rows * beam, dtype=torch.long, device=dev),
+                     torch.zeros(1, dtype=torch.long, device=dev), pos_max)
 
     def _evict(self, positions: int) -> None:
         """Drop least recently used workspaces (graph and cache) until fewer than MAX_WORKSPACES are kept and the
@@ -345,6 +434,11 @@ class Engine:
         runs on a copy of the state, which is then restored."""
         saved = {k: v.clone() for k, v in vars(w.search).items() if torch.is_tensor(v)}
         anc = [a.clone() for a in w.cache.anc] if w.cache.anc is not None else None
+        t0 = w.t_1.clone()
+        # mid-decode (a compacted batch): the warm-up steps write positions t and t + 1, which in a ring buffer
+        # (local attention) overwrite positions the next real step still reads; elsewhere they are rewritten
+        # before they are read
+        slabs = ([x.clone() for x in w.cache.self_TNGC] if w.cache.window is not None and bool(t0 > 0) else None)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -359,7 +453,10 @@ class Engine:
         if anc is not None:
             for a, b in zip(w.cache.anc, anc):
                 a.copy_(b)
-        w.t_1.zero_()
+        if slabs is not None:
+            for a, b in zip(w.cache.self_TNGC, slabs):
+                a.copy_(b)
+        w.t_1.copy_(t0)
         torch.cuda.synchronize(self.device)
         return graph
 

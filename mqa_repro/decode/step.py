@@ -253,13 +253,13 @@ class DecoderStep:
                 q = qkv[:, : self.h * self.d_k]
             o = decode_attention(q.view(n, self.h, self.d_k), kv, live, self.d_k, 1, self.scale, anc, True,
                                  self.use_triton, self.tune, lens_M=lens)
-            hn = self._add(x, o.view(n, -1), L.w_o, L.ln2 if L.ln2 is not None else L.ln3)
+            hn = self._add(x, o.reshape(n, -1), L.w_o, L.ln2 if L.ln2 is not None else L.ln3)
             if L.ln2 is not None:
                 q = F.linear(hn, L.w_q_cross).view(n, self.h, self.d_k)
                 cross = cache.cross_BSGC[i]
                 o = decode_attention(q, cross, cross.shape[1], self.d_k, cache.beam, self.scale, None, False,
                                      self.use_triton, self.tune, lens_M=src_len)
-                hn = self._add(x, o.view(n, -1), L.w_o_cross, L.ln3)
+                hn = self._add(x, o.reshape(n, -1), L.w_o_cross, L.ln3)
             hn = self._add(x, self._ffn_hidden(hn, L.w_i, L.zero_F), L.w_o_ffn, after)
         return hn
 
