@@ -130,6 +130,27 @@ def test_compacting_a_batch_to_its_unfinished_sentences_changes_nothing(row, sen
     assert n_translate and n_generate      # both paths really moved sentences
 
 
+@pytest.mark.parametrize("row", ["multi_head", "local"])
+def test_graph_mode_bookkeeping_with_compaction_equals_the_oracle(row, sentences, monkeypatch):
+    """What the GPU path adds around its CUDA graphs, run eagerly on the CPU: rows and lengths rounded up to
+    buckets (spare rows done at once), workspaces kept per shape and reused by the next batch and the next
+    call, compacted workspaces kept with their batch's and reused: still the oracle's output."""
+    from mqa_repro.decode import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "CHECK_EVERY", 1)
+    monkeypatch.setattr(engine_mod, "COMPACT_MIN_ROWS", 2)
+    monkeypatch.setattr(engine_mod.Engine, "_capture", lambda self, w: None)   # a step then runs eagerly
+    monkeypatch.setattr(engine_mod.Engine, "_evict", lambda self, positions: None)
+    m = make(row)
+    eng = Engine(m)
+    eng.graphs = True
+    for beam in (1, 4):
+        want = oracle_translate(m, sentences, beam)
+        for _ in range(2):
+            assert eng.translate(sentences, beam=beam, batch_tokens=80, **LIMITS) == want, beam
+    assert any(w.children for w in eng._work.values())
+
+
 def test_beam_one_is_greedy_and_batching_and_early_stop_change_nothing(sentences, monkeypatch):
     from mqa_repro.decode import engine as engine_mod
     from mqa_repro.decode.search import Beam

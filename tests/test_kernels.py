@@ -285,7 +285,9 @@ def test_cuda_graphs_translate_what_eager_translates(name):
             want = eager.translate(srcs, beam=beam, batch_tokens=300, forced_lengths=forced)
             got = graphs.translate(srcs, beam=beam, batch_tokens=300, forced_lengths=forced)
             assert got == want, (beam, forced is not None)
-    assert len(graphs._work) <= 8
+    # few shapes: 4 decodes (greedy and beam 4, EOS and forced lengths) of 37 sentences in batches of 300
+    # tokens; 12 were captured on an H200 (the bound was 8 while the engine kept at most 8 workspaces)
+    assert len(graphs._work) <= 16
 
 
 @needs_cuda
