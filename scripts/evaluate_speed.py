@@ -6,13 +6,16 @@ test oracle in tests/oracle.py) over the model's eager ``decode_step``, batched 
 ``evaluate.translate`` (mqa_repro.decode.Engine). Both decode in float32 (TF32 products on a GPU, as
 `evaluate` sets), every test split of the spec, every beam of ``evaluation.beams``; BLEU is sacrebleu's on the
 detokenized hypotheses. The engine's first pass (graph captures) is timed apart from its warm passes (median
-of ``--repeats``); the reference path runs once per split and beam.
+of ``--repeats``); the reference path runs once per split and beam. ``--engine-dtype bf16`` (repeatable) also
+times the engine on a bf16 copy of the weights against the same fp32 reference (the issue's "same BLEU, +-0.1
+in bf16"); each dtype has its own engine, shared by its splits and beams as ``evaluate`` shares one.
 
     python3 scripts/evaluate_speed.py RUN_DIR --device cuda --out FILE.json
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -73,7 +76,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--engine-dtype", action="append", choices=["fp32", "bf16"], default=None)
     a = ap.parse_args()
+    dtypes = a.engine_dtype or ["fp32"]
     dev = resolve_device(a.device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -83,47 +88,56 @@ def main() -> None:
     model.eval()
     prepared = open_prepared(variant, a.data)
     ev, d = variant.evaluation, variant.data
-    engine = Engine(model, vocab_limit=prepared.piece_count)
-    rows = []
-    for stem in d.test:
-        ex = load_examples(prepared, variant, stem, ev.max_sentences)
-        refs = prepared.text(stem, d.tgt_lang)[: len(ex)]
-        for beam in ev.beams:
-            ours, first_s = timed(lambda: translate(model, ex, ev, beam, ev.batch_size, dev, engine=engine), dev)
-            warm = [timed(lambda: translate(model, ex, ev, beam, ev.batch_size, dev, engine=engine), dev)[1]
-                    for _ in range(a.repeats)]
-            # one more warm pass with the engine's own clocks (synchronised at batch boundaries): where it goes
-            engine.timing, engine.encode_seconds, engine.decode_seconds, steps0 = True, 0.0, 0.0, engine.steps_run
-            _, clocked_s = timed(lambda: translate(model, ex, ev, beam, ev.batch_size, dev, engine=engine), dev)
-            engine.timing = False
-            split = {"clocked_pass_s": clocked_s, "encode_s": engine.encode_seconds,
-                     "decode_s": engine.decode_seconds, "decoder_steps": engine.steps_run - steps0,
-                     "captured_shapes": len(engine._work)}
-            ref, ref_s = timed(lambda: reference_translate(model, ex, ev, beam, ev.batch_size, dev,
-                                                           prepared.piece_count), dev)
-            bleu = {name: bleu_scores([prepared.sp.decode(x) for x in ids], refs, ev.bleu_tokenizers)
-                    for name, ids in (("engine", ours), ("reference", ref))}
-            row = {"split": stem, "beam": beam, "sentences": len(ex),
-                   "engine_first_s": first_s, "engine_warm_median_s": statistics.median(warm),
-                   "engine_warm_s": warm, "reference_s": ref_s,
-                   "speedup_first": ref_s / first_s, "speedup_warm": ref_s / statistics.median(warm),
-                   "identical_sentences": sum(x == y for x, y in zip(ours, ref)) / max(1, len(ex)),
-                   "bleu": {n: {t: b[t]["score"] for t in b} for n, b in bleu.items()}, "engine_clocks": split}
-            rows.append(row)
-            print(f"{stem} beam {beam}: engine {first_s:.2f} s first, {row['engine_warm_median_s']:.2f} s warm; "
-                  f"reference {ref_s:.2f} s ({row['speedup_warm']:.1f}x warm); BLEU intl engine "
-                  f"{row['bleu']['engine'].get('intl', float('nan')):.2f} reference "
-                  f"{row['bleu']['reference'].get('intl', float('nan')):.2f}; identical "
-                  f"{row['identical_sentences']:.1%}; clocks {split}", flush=True)
-    doc = {"kind": "evaluate-speed", "run": str(a.run_dir), "variant": variant.name, "dtype": "fp32 (TF32 on CUDA)",
-           "repeats": a.repeats, "rows": rows,
-           "total_engine_first_s": sum(r["engine_first_s"] for r in rows),
-           "total_engine_warm_s": sum(r["engine_warm_median_s"] for r in rows),
-           "total_reference_s": sum(r["reference_s"] for r in rows),
+    rows, refs_done = [], {}
+    for dtype in dtypes:
+        emodel = model if dtype == "fp32" else copy.deepcopy(model).to(torch.bfloat16)
+        engine = Engine(emodel, vocab_limit=prepared.piece_count)
+        for stem in d.test:
+            ex = load_examples(prepared, variant, stem, ev.max_sentences)
+            refs = prepared.text(stem, d.tgt_lang)[: len(ex)]
+            for beam in ev.beams:
+                run = lambda: translate(emodel, ex, ev, beam, ev.batch_size, dev, engine=engine)  # noqa: E731
+                ours, first_s = timed(run, dev)
+                warm = [timed(run, dev)[1] for _ in range(a.repeats)]
+                # one more warm pass with the engine's own clocks (synchronised at batch boundaries)
+                engine.timing, engine.encode_seconds, engine.decode_seconds, steps0 = True, 0.0, 0.0, engine.steps_run
+                _, clocked_s = timed(run, dev)
+                engine.timing = False
+                split = {"clocked_pass_s": clocked_s, "encode_s": engine.encode_seconds,
+                         "decode_s": engine.decode_seconds, "decoder_steps": engine.steps_run - steps0,
+                         "captured_shapes": len(engine._work)}
+                if (stem, beam) not in refs_done:   # the fp32 eager path, once per split and beam
+                    refs_done[stem, beam] = timed(lambda: reference_translate(
+                        model, ex, ev, beam, ev.batch_size, dev, prepared.piece_count), dev)
+                ref, ref_s = refs_done[stem, beam]
+                bleu = {name: bleu_scores([prepared.sp.decode(x) for x in ids], refs, ev.bleu_tokenizers)
+                        for name, ids in (("engine", ours), ("reference", ref))}
+                row = {"split": stem, "beam": beam, "engine_dtype": dtype, "sentences": len(ex),
+                       "engine_first_s": first_s, "engine_warm_median_s": statistics.median(warm),
+                       "engine_warm_s": warm, "reference_s": ref_s,
+                       "speedup_first": ref_s / first_s, "speedup_warm": ref_s / statistics.median(warm),
+                       "identical_sentences": sum(x == y for x, y in zip(ours, ref)) / max(1, len(ex)),
+                       "bleu": {n: {t: b[t]["score"] for t in b} for n, b in bleu.items()}, "engine_clocks": split}
+                rows.append(row)
+                print(f"{dtype} {stem} beam {beam}: engine {first_s:.3f} s first, {row['engine_warm_median_s']:.3f} s "
+                      f"warm; reference {ref_s:.3f} s ({row['speedup_first']:.1f}x first, {row['speedup_warm']:.1f}x "
+                      f"warm); BLEU intl engine {row['bleu']['engine'].get('intl', float('nan')):.2f} reference "
+                      f"{row['bleu']['reference'].get('intl', float('nan')):.2f}; identical "
+                      f"{row['identical_sentences']:.1%}; clocks {split}", flush=True)
+    totals = {dt: {"engine_first_s": sum(r["engine_first_s"] for r in rows if r["engine_dtype"] == dt),
+                   "engine_warm_s": sum(r["engine_warm_median_s"] for r in rows if r["engine_dtype"] == dt),
+                   "reference_s": sum(s for _, s in refs_done.values())} for dt in dtypes}
+    for tot in totals.values():
+        tot["speedup_first"] = tot["reference_s"] / tot["engine_first_s"]
+        tot["speedup_warm"] = tot["reference_s"] / tot["engine_warm_s"]
+    doc = {"kind": "evaluate-speed", "run": str(a.run_dir), "variant": variant.name,
+           "dtype": "reference fp32 (TF32 products on CUDA); engine per row (engine_dtype)",
+           "repeats": a.repeats, "rows": rows, "totals": totals,
            **manifest(variant, ck.get("seed"), dev, script="scripts/evaluate_speed.py")}
     write_json_atomic(a.out, doc)
-    print(f"total: engine {doc['total_engine_first_s']:.2f} s first pass, {doc['total_engine_warm_s']:.2f} s warm; "
-          f"reference {doc['total_reference_s']:.2f} s")
+    for dt, tot in totals.items():
+        print(f"total {dt}: engine {tot['engine_first_s']:.3f} s first passes ({tot['speedup_first']:.1f}x), "
+              f"{tot['engine_warm_s']:.3f} s warm ({tot['speedup_warm']:.1f}x); reference {tot['reference_s']:.3f} s")
 
 
 if __name__ == "__main__":

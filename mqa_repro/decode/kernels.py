@@ -213,6 +213,10 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
         r_pad = max(16, triton.next_power_of_2(share * qh))
         anc = anc_SN if anc_SN is not None else q_NHK  # unused pointer when not indirect
 
+        # fp32: exact products unless torch's fp32 products may use TF32 (as evaluate sets on CUDA), in which case
+        # the reference path's attention products (torch.matmul) are TF32 too
+        ieee = q_NHK.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
         def launch(cfg, length=L, o=out):
             block_t, warps, stages = cfg
             _decode_attention_kernel[(m_rows, g)](
@@ -220,17 +224,18 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
                 q_NHK.stride(0), q_NHK.stride(1), st, sm, kv_XMGC.stride(2),
                 o.stride(0), o.stride(1), anc_SN.stride(0) if anc_SN is not None else 0,
                 QH=qh, SHARE=share, R_PAD=r_pad, DK=d_k, DV=d_v, BLOCK_T=block_t,
-                INDIRECT=anc_SN is not None, IEEE=q_NHK.dtype == torch.float32, HAS_LENS=lens_M is not None,
+                INDIRECT=anc_SN is not None, IEEE=ieee, HAS_LENS=lens_M is not None,
                 num_warps=warps, num_stages=stages)
 
-        default = (ATTENTION_CONFIG["block_t"], ATTENTION_CONFIG["num_warps_wide" if r_pad >= 32 else "num_warps"],
-                   ATTENTION_CONFIG["num_stages"])
+        # positions per block: no wider than the live length rounded up (a short cache reads one block)
+        default = (min(ATTENTION_CONFIG["block_t"], max(16, triton.next_power_of_2(L))),
+                   ATTENTION_CONFIG["num_warps_wide" if r_pad >= 32 else "num_warps"], ATTENTION_CONFIG["num_stages"])
         cfg = config or default
         if config is None and tunable(tune, q_NHK):
             # one choice per shape and live-length bucket, timed at the bucket's longest length
             bucket = max(32, triton.next_power_of_2(L))
             slots = kv_XMGC.shape[0] if time_major else kv_XMGC.shape[1]
-            key = ("attention", n, h, g, c, share, anc_SN is not None, time_major, str(q_NHK.dtype), bucket,
+            key = ("attention", n, h, g, c, share, anc_SN is not None, time_major, str(q_NHK.dtype), ieee, bucket,
                    slots, lens_M is not None, torch.cuda.get_device_name(q_NHK.device))
 
             def tune_launch():
