@@ -241,7 +241,9 @@ class _Run:
         if d.on:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.ddp_model = DDP(self.model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
+            # gradients live in DDP's all-reduce buckets (no copy into them each step)
+            self.ddp_model = DDP(self.model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
+                                 gradient_as_bucket_view=True)
         self.n_params = count_parameters(self.model)
 
     def _restore(self, ck: dict) -> None:
