@@ -180,13 +180,6 @@ class TrainStep:
         self.forward = self.wrapped
         self.chunk_fn: Callable = chunk_loss_and_grad
         if self.opts.compile:
-            if self.world > 1:
-                import torch._dynamo as dynamo
-
-                # one compiled graph, not one per DDP bucket (DDPOptimizer): the gradients' all-reduce then starts
-                # after the backward instead of overlapping it, which still paid on 2 H200s at the paper shape
-                # (2 x 16k tokens: 321k -> 365k target tokens/s, notes/training-speed.md)
-                dynamo.config.optimize_ddp = False
             self.forward = torch.compile(self.wrapped, backend=self.opts.compile_backend)
             self.chunk_fn = torch.compile(chunk_loss_and_grad, backend=self.opts.compile_backend)
         self.compute_dtype = torch.bfloat16 if self.device.type == "cuda" else None
