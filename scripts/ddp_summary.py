@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("runs", type=Path)
     ap.add_argument("decode", type=Path, help="folder with decode_1gpu_b*.json and decode_shard{0,1}_b*.json")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--note", default="", help="appended to the summary's notes (how the runs were made)")
     a = ap.parse_args()
     runs = run_logs(a.runs)
     training = {}
@@ -84,7 +85,8 @@ def main() -> None:
                    "training: DDP through torchrun, NCCL, bf16 autocast, dropout off; tokens/s = target tokens "
                    "per second over all GPUs, median of the logged windows after the first; decoding: greedy, "
                    "CUDA graphs; 2 GPUs = the batch split in halves, one decode-bench process per GPU running "
-                   "at the same time, the slower half's median time over the whole batch's tokens")}
+                   "at the same time, the slower half's median time over the whole batch's tokens"
+                   + (f"; {a.note}" if a.note else ""))}
     write_json_atomic(a.out, summary)
     for v, t in training.items():
         print(f"{v}: {t['tokens_per_s_1gpu_per_gpu_batch_16k']:.0f} -> {t['tokens_per_s_2gpu_per_gpu_batch_16k']:.0f} "
