@@ -95,6 +95,22 @@ def test_decode_attention_kernel_matches_torch(share, indirect):
 
 
 @needs_triton
+def test_fp32_decode_attention_with_tf32_allowed_matches_torch_with_tf32_allowed(monkeypatch):
+    """`evaluate` lets fp32 products use TF32 on CUDA; the kernel then multiplies in TF32 as torch.matmul does,
+    and its default block follows the cache's slots (here fewer than one default block), per-row lengths too."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    g = torch.Generator().manual_seed(4)
+    m, h, kv_heads, dk, slots = 48, 8, 8, 32, 24
+    q = torch.randn(m, h, dk, generator=g).to(DEV)
+    kv = torch.randn(m, slots, kv_heads, 2 * dk, generator=g).to(DEV)
+    lens = torch.randint(1, slots + 1, (m,), generator=g).to(DEV, torch.int32)
+    want = fd.decode_attention(q, kv, slots, dk, 1, dk ** -0.5, None, False, use_triton=False, lens_M=lens)
+    got = fd.decode_attention(q, kv, slots, dk, 1, dk ** -0.5, None, False, use_triton=True, tune=False,
+                              lens_M=lens)
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)   # TF32: 10-bit mantissas in the products
+
+
+@needs_triton
 @pytest.mark.parametrize("config", [(16, 4, 2), (32, 4, 3)])
 def test_decode_attention_every_live_length_of_a_block(config):
     """Live lengths inside the first block, at a block boundary and one past it, under a forced launch."""
