@@ -15,6 +15,7 @@ OUT_DIR=${OUT_DIR:-out}
 OLD=${OLD:-.carry/old}
 TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-420}
 mkdir -p "$OUT_DIR" /tmp/ab
+OUT_DIR=$(cd "$OUT_DIR" && pwd)   # absolute: the old code runs from inside $OLD
 ROOT=$(pwd)
 M30K=(train experiments/multi30k_ende.yaml --variant multi_head --seed 0)
 (
@@ -28,8 +29,8 @@ M30K=(train experiments/multi30k_ende.yaml --variant multi_head --seed 0)
 ) &
 (
   (cd "$OLD" && MQA_REPRO_GIT_SHA=${OLD_SHA:-unknown} CUDA_VISIBLE_DEVICES=1 timeout "$TRAIN_TIMEOUT" python3 -m mqa_repro "${M30K[@]}" \
-    --data data/multi30k_ende --out /tmp/ab/old --checkpoints /tmp/ab/ck_old > "$ROOT/$OUT_DIR/m30k_old.log" 2>&1
-   echo "old train exit $?" >> "$ROOT/$OUT_DIR/m30k_old.log")
+    --data data/multi30k_ende --out /tmp/ab/old --checkpoints /tmp/ab/ck_old > "$OUT_DIR/m30k_old.log" 2>&1
+   echo "old train exit $?" >> "$OUT_DIR/m30k_old.log")
   B=(decode-bench experiments/wmt14_ende.yaml --variant multi_head --variant multi_query --beam 1 --no-check)
   CUDA_VISIBLE_DEVICES=1 timeout "${BENCH_TIMEOUT:-200}" python3 -m mqa_repro "${B[@]}" \
     --out "$OUT_DIR/train_step_compiled.json" > "$OUT_DIR/train_step.log" 2>&1
