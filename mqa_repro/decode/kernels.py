@@ -197,6 +197,7 @@ def decode_attention(q_NHK, kv_XMGC, L: int, d_k: int, share: int, scale: float,
     q_NHK: [N, H, d_k]; kv_XMGC: the cache, [slots, M, G, C] (time-major) or [M, S, G, C]; N = M * share.
     anc_SN (self-attention under beam search): anc_SN[t, n] is the physical row holding position t of row n.
     ``config`` forces the kernel's launch (block_t, num_warps, num_stages) instead of the tuned one.
+    fp32 products are exact, or TF32 while ``torch.backends.cuda.matmul.allow_tf32`` is set (as torch.matmul's).
     Returns out_NHV [N, H, d_v].
     """
     n, h, _ = q_NHK.shape
