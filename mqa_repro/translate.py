@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -66,7 +65,13 @@ def read_input(path: str) -> list:
 
 
 def write_output(path: str, lines: Sequence[str]) -> None:
-    """Lines to stdout (``-``) or atomically to a file (a temporary file beside it, renamed)."""
+    """Lines to stdout (``-``) or to a file: a regular file is replaced atomically (a temporary file beside it,
+    renamed, with the mode ``open(path, "w")`` would give); a symbolic link is followed (the file it names is
+    replaced, the link kept); a FIFO or a device (``/dev/stdout``) is written in place. Raises UserError for a
+    directory, a missing folder or a file-system error, naming the path."""
+    from .errors import OutputError
+    from .provenance import write_text_atomic
+
     text = "".join(line.replace("\n", " ") + "\n" for line in lines)
     if path == "-":
         sys.stdout.write(text)
@@ -75,17 +80,17 @@ def write_output(path: str, lines: Sequence[str]) -> None:
     target = Path(path)
     if target.is_dir():
         raise UserError(f"--output {path} is a directory; name a file")
-    if not target.parent.is_dir():
-        raise UserError(f"cannot write {path}: the folder {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8"))
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    real = Path(os.path.realpath(target))
+    if not real.parent.is_dir():
+        raise UserError(f"cannot write {path}: the folder {real.parent} does not exist")
+    if real.exists() and not real.is_file():
+        try:
+            with open(real, "wb") as f:
+                f.write(text.encode("utf-8"))
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        return
+    write_text_atomic(real, text)
 
 
 # --------------------------------------------------------------------------------------------------

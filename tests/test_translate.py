@@ -4,6 +4,7 @@ over-long lines truncated with a count; stdin/stdout; two gloo processes write w
 are one sentence and exit 2, and leave no output file."""
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -95,6 +96,31 @@ def test_stdin_stdout_and_an_over_long_line(evaluated, source):
     want = hyps(evaluated, 1)
     assert out[0] == want[0] and out[2] == want[1] and out[1]
     assert f"1 of 3 lines had more than {limit} subwords" in r.stderr
+
+
+def test_output_through_a_link_into_a_fifo_and_with_an_ordinary_mode(tmp_path):
+    """--output follows a symbolic link (the file it names is replaced, the link kept), writes a FIFO in place
+    (a reader gets the lines), and a new file gets the mode open(path, "w") would give, not mkstemp's 0600."""
+    import threading
+
+    from mqa_repro.translate import write_output
+
+    real, link = tmp_path / "real.txt", tmp_path / "link.txt"
+    real.write_text("old\n", encoding="utf-8")
+    link.symlink_to(real)
+    write_output(str(link), ["a", "b"])
+    assert link.is_symlink() and real.read_text(encoding="utf-8") == "a\nb\n"
+    fifo, got = tmp_path / "fifo", []
+    os.mkfifo(fifo)
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text(encoding="utf-8")))
+    reader.start()
+    write_output(str(fifo), ["x", "y"])
+    reader.join(timeout=30)
+    assert got == ["x\ny\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    write_output(str(tmp_path / "new.txt"), ["z"])
+    assert stat.S_IMODE(os.stat(tmp_path / "new.txt").st_mode) == 0o666 & ~umask
 
 
 def test_two_gloo_processes_write_what_one_writes(evaluated, source, tmp_path):
