@@ -110,6 +110,8 @@ def train(
     device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA when available (bf16 autocast), "
                                   "else the CPU (float32)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's checkpoint, exactly."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run folder that already holds a "
+                                   "run with no checkpoint to resume (without it, train refuses)."),
     out_root: Path = typer.Option(Path("results"), "--out", help="Results root: runs go to "
                                   "OUT/<spec>/<variant>/seed<N>/."),
     ckpt_root: Path = typer.Option(Path("checkpoints"), "--checkpoints", help="Checkpoint root (git-ignored): "
@@ -150,7 +152,7 @@ def train(
     main_rank = int(os.environ.get("RANK", "0")) == 0
     for v in chosen:
         r = train_variant(v, seed, device=device.value, resume=resume, out_root=out_root,
-                          checkpoint_root=ckpt_root, data=data, stop_after=stop_after,
+                          checkpoint_root=ckpt_root, data=data, stop_after=stop_after, overwrite=overwrite,
                           step_options=StepOptions(compile=compile_, fused_optimizer=fused))
         if main_rank:
             show_trained(f"{v.spec_name}/{v.name}", r)
@@ -170,6 +172,8 @@ def uptrain(
                                        "source run's)."),
     device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA when available, else the CPU."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted uptraining run, exactly."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run folder that already holds a "
+                                   "run with no checkpoint to resume (without it, uptrain refuses)."),
     out_root: Path = typer.Option(Path("results"), "--out", help="Results root: the run goes to "
                                   "OUT/<spec>/<source>_to_kv<G>_<method>_<N>pct/seed<N>/."),
     ckpt_root: Path = typer.Option(Path("checkpoints"), "--checkpoints", help="Checkpoint root (git-ignored)."),
@@ -188,7 +192,7 @@ def uptrain(
     check_writable(ckpt_root, "dir", "--checkpoints")
     r, target = uptrain_run(run_dir, kv_heads, method=method, fraction=fraction, steps=steps, seed=seed,
                             device=device.value, resume=resume, out_root=out_root, checkpoint_root=ckpt_root,
-                            data=data)
+                            data=data, overwrite=overwrite)
     show_trained(f"{target.spec_name}/{target.name}", r)
 
 

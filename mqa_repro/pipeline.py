@@ -120,8 +120,8 @@ def _run_jobs(pending, running, failed, jobs, spec_path, device, data, results, 
             v, seed, resume = pending.pop(0)
             cmd = [sys.executable, "-m", "mqa_repro", "train", spec_path, "--variant", v.name, "--seed", str(seed),
                    "--device", device, "--out", str(results), "--checkpoints", str(checkpoints)]
-            if resume:
-                cmd.append("--resume")
+            # the stage found this run missing or made from other inputs: a fresh start replaces what is there
+            cmd.append("--resume" if resume else "--overwrite")
             if data:
                 cmd += ["--data", data]
             log = open(logs_dir / f"train.{v.spec_name}.{v.name}.seed{seed}.log", "w")
@@ -179,7 +179,7 @@ def run_pipeline(spec: Spec, *, stages=STAGES, variants: Optional[list] = None, 
             for v, seed, resume in todo:
                 say(f"train {v.name} seed {seed}" + (" (resuming)" if resume else ""))
                 train_variant(v, seed, device=device, resume=resume, out_root=results, checkpoint_root=checkpoints,
-                              data=data_path, progress=progress)
+                              data=data_path, progress=progress, overwrite=True)
 
     if "evaluate" in stages:
         from .evaluate import evaluate_run

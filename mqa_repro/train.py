@@ -27,6 +27,7 @@ Test hook: the environment variable ``MQA_REPRO_INJECT_NAN_AT_STEP=K`` turns the
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -118,7 +119,8 @@ def _seed_everything(seed: int) -> None:
 def train_variant(variant: Variant, seed: Optional[int] = None, *, device="auto", resume: bool = False,
                   out_root="results", checkpoint_root="checkpoints", data: Optional[Path] = None,
                   stop_after: Optional[int] = None, progress: bool = True,
-                  init: Optional[dict] = None, step_options: Optional[StepOptions] = None) -> TrainResult:
+                  init: Optional[dict] = None, step_options: Optional[StepOptions] = None,
+                  overwrite: bool = False) -> TrainResult:
     """Train one variant with one seed; returns where its results and checkpoint went.
 
     ``init`` starts a fresh run from given weights instead of random ones: ``{"model": state_dict,
@@ -129,6 +131,8 @@ def train_variant(variant: Variant, seed: Optional[int] = None, *, device="auto"
     Run under torchrun for DDP: every rank calls this; only rank 0 writes files.
     ``step_options``: how the step runs (torch.compile, fused optimizer, padding; mqa_repro.step.StepOptions;
     default: auto per device) -- never what it computes.
+    A fresh start (no ``resume``) refuses a run folder that already holds a run (its manifest.json) unless
+    ``overwrite``, and never overwrites a checkpoint: UserError.
     """
     t = variant.training
     seed = t.seed if seed is None else seed
@@ -138,7 +142,7 @@ def train_variant(variant: Variant, seed: Optional[int] = None, *, device="auto"
         with _own_run(run_dir(variant, seed, out_root), checkpoint_dir(variant, seed, checkpoint_root), dist_,
                       "uptrain" if init is not None else "train"):
             return _train(variant, seed, dev, dist_, resume, Path(out_root), Path(checkpoint_root), data,
-                          stop_after, progress, init, step_options)
+                          stop_after, progress, init, step_options, overwrite)
     finally:
         end_distributed(dist_)
 
@@ -167,13 +171,13 @@ def _own_run(rdir: Path, cdir: Path, d: Dist, command: str):
 
 
 def _train(variant, seed, dev, d: Dist, resume, out_root, ckpt_root, data, stop_after, progress,
-           init=None, step_options=None) -> TrainResult:
+           init=None, step_options=None, overwrite=False) -> TrainResult:
     """One run on this rank as named steps: check the folders, read the data, start or restore the state,
     record the start in the manifest, train, record the end."""
     run = _Run(variant, seed, dev, d, run_dir(variant, seed, out_root), checkpoint_dir(variant, seed, ckpt_root))
     run.check_folders()
     run.read_data(data)
-    run.build(run.checkpoint_to_resume() if resume else run.no_checkpoint(), init)
+    run.build(run.checkpoint_to_resume() if resume else run.no_checkpoint(overwrite), init)
     run.record_start()
     t = variant.training
     run.train(t.steps if stop_after is None else min(t.steps, stop_after), progress, step_options)
@@ -217,11 +221,21 @@ class _Run:
         check_resumable(ck, self.ckpt_path, self.variant, self.seed, self.data_hash, self.prepared.path)
         return ck
 
-    def no_checkpoint(self) -> None:
-        """A fresh start never overwrites a checkpoint."""
+    def no_checkpoint(self, overwrite: bool = False) -> None:
+        """A fresh start never overwrites a checkpoint, nor (unless ``overwrite``) a run already in the folder."""
         if self.ckpt_path.is_file():
             raise UserError(f"a checkpoint already exists at {self.ckpt_path}; pass --resume to continue it, "
                             f"or delete it to start over")
+        man_path = self.rdir / "manifest.json"
+        try:
+            man = json.loads(man_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if not overwrite and isinstance(man, dict) and isinstance(man.get("spec"), dict):
+            raise UserError(f"{man_path} already holds a {man.get('status', 'started')} run (step "
+                            f"{man.get('checkpoint_step', '?')}, spec hash {str(man.get('spec_hash', '?'))[:12]}) "
+                            f"and there is no checkpoint to resume; pass --overwrite to replace it, or --out DIR "
+                            f"to train elsewhere")
 
     def build(self, ck: Optional[dict], init: Optional[dict]) -> None:
         """Model, optimizer and data stream: fresh (from ``init``'s weights if given) or restored from ``ck``."""

@@ -92,8 +92,9 @@ def convert_state(state: dict, source: Variant, kv_heads: int, method: str, seed
 def uptrain_run(run_dir, kv_heads: int, *, method: str = "mean", fraction: Optional[float] = None,
                 steps: Optional[int] = None, seed: Optional[int] = None, device="auto", resume: bool = False,
                 out_root="results", checkpoint_root="checkpoints", data: Optional[Path] = None,
-                progress: bool = True):
-    """Convert the run's final checkpoint and train the result; returns the TrainResult."""
+                progress: bool = True, overwrite: bool = False):
+    """Convert the run's final checkpoint and train the result; returns the TrainResult. ``overwrite``: as
+    train_variant's (a folder already holding a run without a checkpoint is replaced instead of refused)."""
     from .checkpoint import load_checkpoint
     from .train import train_variant
 
@@ -127,4 +128,5 @@ def uptrain_run(run_dir, kv_heads: int, *, method: str = "mean", fraction: Optio
                                "method": method, "kv_heads": kv_heads, "steps": target.training.steps,
                                "fraction_of_source_steps": target.training.steps / source.training.steps}}
     return train_variant(target, seed, device=device, resume=resume, out_root=out_root,
-                         checkpoint_root=checkpoint_root, data=data, progress=progress, init=init), target
+                         checkpoint_root=checkpoint_root, data=data, progress=progress, init=init,
+                         overwrite=overwrite), target

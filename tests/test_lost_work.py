@@ -203,6 +203,25 @@ def test_evaluation_settings_do_not_block_resume(tiny_data, tmp_path):
                       checkpoint_root=tmp_path / "c", resume=True)
 
 
+def test_a_fresh_train_never_replaces_a_finished_run_without_overwrite(tiny_data, tmp_path):
+    """results/ is committed and checkpoints are not: a fresh `train` into a folder holding a run is refused
+    (one sentence, nothing written) unless --overwrite; the pipeline's train stage replaces a stale run."""
+    first = short_run(tmp_path, tiny_data)
+    first.checkpoint.unlink()
+    man = first.run_dir / "manifest.json"
+    before = (man.read_bytes(), (first.run_dir / "train_log.jsonl").read_bytes())
+    r = cli("train", str(TINY), "--variant", "multi_head", "--device", "cpu", "--data", str(tiny_data),
+            "--out", str(tmp_path / "r"), "--checkpoints", str(tmp_path / "c"),
+            *sum([["--set", s] for s in SHORT + ["training.lr=0.01"]], []))
+    assert r.returncode == 2
+    line = one_line("\n".join(x for x in r.stderr.splitlines() if not x.startswith("tiny/")))
+    assert "already holds a finished run (step 4" in line and "--overwrite" in line, line
+    assert (man.read_bytes(), (first.run_dir / "train_log.jsonl").read_bytes()) == before
+    again = short_run(tmp_path, tiny_data, "training.lr=0.01", overwrite=True)
+    assert json.loads(man.read_text())["spec_hash"] == tiny(*SHORT, "training.lr=0.01").hash
+    assert again.step == 4
+
+
 # -- 9. a killed writer's partial log line and temporaries; the manifest after a signal ----------------
 def test_resume_after_a_kill_mid_write(tiny_data, tmp_path, capsys):
     first = short_run(tmp_path, tiny_data, stop_after=2)
