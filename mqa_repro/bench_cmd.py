@@ -71,6 +71,11 @@ def _fixed(spec, s, variants, state, peer, out_file, *, batch_size, src_len, tgt
     from .provenance import write_json_atomic, write_text_atomic
     from .runtime import resolve_device
 
+    _only_with("--real", {"--test-set": _real_only.get("test_set"), "--data": _real_only.get("data"),
+                          "--max-sentences": _real_only.get("max_sentences"),
+                          "--sentences-per-batch": _real_only.get("sentences_per_batch"),
+                          "--peer-threads": _real_only.get("peer_threads")})
+
     if attention not in ("triton", "torch"):
         raise UserError(f"--attention must be triton or torch, got {attention!r}")
     for name, x in (("--batch-size", batch_size), ("--src-len", src_len), ("--tgt-len", tgt_len),
@@ -101,6 +106,14 @@ def _fixed(spec, s, variants, state, peer, out_file, *, batch_size, src_len, tgt
     _emit(format, res, lambda: to_csv(res), lambda: show_bench(res, s.name))
 
 
+def _only_with(flag: str, given: dict) -> None:
+    """UserError naming the options of ``given`` (name -> value; None, empty or 0 = not given) that only
+    ``flag`` uses, so that none of them is silently ignored."""
+    used = [name for name, x in given.items() if x not in (None, [], (), 0)]
+    if used:
+        raise UserError(f"{', '.join(used)} {'goes' if len(used) == 1 else 'go'} with {flag}, which is not set")
+
+
 def _real(spec, s, variants, state, peer, out_file, *, beam, device, dtype, repeats, format, test_set, data,
           max_sentences, sentences_per_batch, peer_threads, attention, tune, **_fixed_only) -> None:
     """decode-bench --real: translate a real test set (``bench_real.run_real_bench``), write, print."""
@@ -109,6 +122,13 @@ def _real(spec, s, variants, state, peer, out_file, *, beam, device, dtype, repe
 
     if peer == "hf":
         raise UserError("--peer hf times fixed shapes only (Marian on random weights); use --peer ct2 with --real")
+    given = {"--batch-size": _fixed_only.get("batch_size"), "--src-len": _fixed_only.get("src_len"),
+             "--tgt-len": _fixed_only.get("tgt_len"), "--sweep": _fixed_only.get("sweep"),
+             "--sweep-value": _fixed_only.get("sweep_values")}
+    used = [name for name, x in given.items() if x not in (None, [], ())]
+    if used:
+        raise UserError(f"{', '.join(used)} set{'s' if len(used) == 1 else ''} the fixed-shape rows, which --real "
+                        f"does not time (--real takes --sentences-per-batch and the test set's own lengths)")
     if _fixed_only.get("train_compile") is not None or _fixed_only.get("train_fused") is not None:
         raise UserError("--compile/--no-compile and --fused-optimizer/--plain-optimizer set up the training row, "
                         "which --real does not time")

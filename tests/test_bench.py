@@ -199,13 +199,15 @@ def test_sweep_batch_zero_and_negative_lengths_are_one_line():
         assert "ceilings" not in r.stderr and r.stdout == ""
 
 
-def test_set_overrides_the_variants_timed_and_real_refuses_training_flags(tmp_path):
+def test_set_overrides_the_variants_timed_and_options_of_the_other_mode_are_refused(tmp_path):
     out = tmp_path / "bench.json"
     bench(tmp_path, "json", out, "--no-check", "--set", "training.label_smoothing=0.2")
     res = json.loads(out.read_text())
     assert res["variants"]["multi_query"]["training"]["label_smoothing"] == 0.2
     assert res["rows"][0]["measure"] == "train" and res["rows"][0]["label_smoothing"] == 0.2
-    for args, word in ((["--set", "training.nope=1"], "training.nope"), (["--real", "--no-compile"], "--compile")):
+    for args, word in ((["--set", "training.nope=1"], "training.nope"), (["--real", "--no-compile"], "--compile"),
+                       (["--max-sentences", "5"], "--max-sentences goes with --real"),     # nothing silently ignored
+                       (["--real", "--tgt-len", "4"], "--tgt-len sets the fixed-shape rows")):
         r = subprocess.run([sys.executable, "-m", "mqa_repro", "decode-bench", str(EXPERIMENTS / "tiny.yaml"),
                             "--device", "cpu", "--variant", "multi_query", *args], capture_output=True, text=True,
                            cwd=ROOT, timeout=120)
