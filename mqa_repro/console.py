@@ -49,6 +49,11 @@ def show_describe(s, rows: list) -> None:
            caption="h: query heads, kv: key/value heads; KV cache bytes per sequence in bf16")
 
 
+# how prepare treated examples over data.max_len, per policy (train: the spec's too_long; evaluation sets:
+# truncated, LM text kept whole)
+_HANDLED = {"truncate": "truncated", "drop": "dropped", "split": "split", "keep": "kept"}
+
+
 def show_prepared(r) -> None:
     """``prepare``: the manifest of prepared data ``r`` (``prepare.Prepared``) as a table per split."""
     m = r.manifest
@@ -62,7 +67,7 @@ def show_prepared(r) -> None:
     where = f"{src['data_dir']}/{src['corpus']}" if src["kind"] == "local" else f"datasets hub {src['path']}"
     rows = []
     for stem, s in m["splits"].items():
-        handled = "-" if not s["over_max"] else f"{s['policy']}d" if s["policy"] != "split" else "split"
+        handled = "-" if not s["over_max"] else _HANDLED.get(s["policy"], s["policy"])
         rows.append([stem, s["role"], f"{s['lines']:,}", f"{s.get('blank_dropped', 0):,}", f"{s['examples']:,}",
                      *(f"{s['sides'][side]['token_count']:,}" for side in m["sides"]), f"{s['over_max']:,}",
                      handled])
