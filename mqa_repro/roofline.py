@@ -234,17 +234,27 @@ def describe_cached(c: Ceilings, path) -> str:
             f"{c.measured}); --refresh-ceilings measures again")
 
 
-def ceilings(device, dtype: str = "bf16", path: Optional[Path] = None, refresh: bool = False,
-             log=None) -> Ceilings:
-    """Cached ceilings for (device name, torch version, dtype); measured on the first call, or when
-    ``refresh``. ``log`` gets one line naming the cache file and the measurement's date when a cached
-    measurement is used."""
+def ceilings_key(device, dtype: str) -> str:
+    """The cache key of a measurement: device name, torch version, dtype, and on the CPU the number of threads
+    torch uses (a CPU's bandwidth and matmul peak follow it)."""
     import torch
 
-    from .provenance import device_info, write_json_atomic
+    from .provenance import device_info
+
+    dev = torch.device(device)
+    threads = f"|threads {torch.get_num_threads()}" if dev.type == "cpu" else ""
+    return f"{device_info(dev)['name']}|torch {torch.__version__}|{dtype}{threads}"
+
+
+def ceilings(device, dtype: str = "bf16", path: Optional[Path] = None, refresh: bool = False,
+             log=None) -> Ceilings:
+    """Cached ceilings for (device name, torch version, dtype; CPU threads): :func:`ceilings_key`; measured on
+    the first call, or when ``refresh``. ``log`` gets one line naming the cache file and the measurement's date when a cached
+    measurement is used."""
+    from .provenance import write_json_atomic
 
     path = Path(path) if path else cache_path()
-    key = f"{device_info(torch.device(device))['name']}|torch {torch.__version__}|{dtype}"
+    key = ceilings_key(device, dtype)
     try:
         table = {k: c.to_dict() for k, c in cached_ceilings(path).items()}
     except ValueError:

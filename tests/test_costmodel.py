@@ -215,11 +215,10 @@ def test_cached_ceilings_are_named_and_can_be_measured_again(tmp_path, monkeypat
     """A cached measurement is used with one line naming the file, device and date; refresh measures anew."""
     import torch
 
-    from mqa_repro.provenance import device_info
-
     path = tmp_path / "ceilings.json"
     cpu = torch.device("cpu")
-    key = f"{device_info(cpu)['name']}|torch {torch.__version__}|fp32"
+    key = rl.ceilings_key(cpu, "fp32")
+    assert f"|threads {torch.get_num_threads()}" in key     # a CPU's ceilings follow torch's thread count
     cached = rl.Ceilings("CPU X", "fp32", 1e10, 1e11, torch.__version__, "2025-03-04T05:06:07+00:00")
     path.write_text(json.dumps({key: cached.to_dict()}))
     fresh = rl.Ceilings("CPU X", "fp32", 2e10, 2e11, torch.__version__, "2026-01-01T00:00:00+00:00")
