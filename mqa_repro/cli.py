@@ -275,7 +275,9 @@ def generate(
     beam: int = typer.Option(1, "--beam", help="Beam size (1 = greedy), with the spec's "
                              "evaluation.length_penalty."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Subwords generated per prompt at most "
-                                       "(fewer where the model's positions run out; EOS ends a continuation)."),
+                                       "(EOS ends a continuation). A long prompt keeps its last subwords, leaving "
+                                       "room for this many (at least half the model's positions stay the "
+                                       "prompt's); where the positions still run out, stderr says so."),
     batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Prompt tokens per decoding batch."),
     device: Device = _DEVICE,
     dtype: InferDtype = typer.Option(InferDtype.fp32, "--dtype", help="fp32 or bf16."),

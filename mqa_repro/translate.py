@@ -13,7 +13,10 @@ input line out, in input order:
 Policies: an empty line gives an empty line (no decoding). A line with more subwords than the model was
 trained on (``data.max_len - 1``, the same cut ``evaluate`` applies to test sources; never more than
 ``model.max_positions - 1``) is truncated -- translate keeps its first subwords, generate its last (the
-continuation follows the end of the prompt) -- and the count is reported on stderr. Under ``torchrun
+continuation follows the end of the prompt) -- and the count is reported on stderr. generate also leaves
+room for the continuation: a prompt keeps at most ``max_positions - max_new_tokens`` subwords, but never
+fewer than half the positions; a continuation that still finds fewer than ``max_new_tokens`` positions
+left stops early, and the count is reported on stderr. Under ``torchrun
 --nproc_per_node N`` the lines are dealt round-robin over the ranks and rank 0 writes the one ordered
 output. An output file is written to a temporary file beside it and renamed, so an error leaves no
 half-written output.
@@ -191,6 +194,7 @@ class Result:
     truncated: int           # input lines cut to ``limit`` subwords
     limit: int
     decoded: int             # non-empty lines decoded (all ranks)
+    short: int = 0           # generate: prompts left with fewer than max_new_tokens positions to continue into
 
 
 def _progress_bar(total: int, title: str, enabled: bool):
@@ -230,11 +234,14 @@ def decode_lines(loaded: Loaded, lines: Sequence[str], *, beam: int = 1, batch_t
     seq2seq = v.model.is_seq2seq
     rank, world = _dist()
     mine = list(range(rank, len(lines), world))
-    limit = loaded.max_source_ids
+    limit, positions = loaded.max_source_ids, v.model.max_positions
+    if not seq2seq:   # room for the continuation: BOS + prompt + new tokens fit the positions (at least half)
+        limit = min(limit, max(positions - max_new_tokens, positions // 2))
     ids = loaded.sp.encode([lines[i] for i in mine], out_type=int) if mine else []
     truncated = sum(len(x) > limit for x in ids)
     ids = [x[:limit] if seq2seq else x[-limit:] for x in ids]
     todo = [k for k, x in enumerate(ids) if x]
+    short = 0 if seq2seq else sum(positions - len(ids[k]) < max_new_tokens for k in todo)
     advance, close = _progress_bar(len(todo), f"{'translate' if seq2seq else 'generate'} beam {beam}",
                                    progress and rank == 0)
     eng = engine if engine is not None else Engine(loaded.model)
@@ -256,20 +263,20 @@ def decode_lines(loaded: Loaded, lines: Sequence[str], *, beam: int = 1, batch_t
     for k, out in zip(todo, outs):
         text[k] = loaded.sp.decode(list(out))
     pairs = list(zip(mine, text))
-    counts = [truncated, len(todo)]
+    counts = [truncated, len(todo), short]
     if world > 1:
         import torch.distributed as dist
 
         gathered = [None] * world if rank == 0 else None
         dist.gather_object((pairs, counts), gathered, dst=0)
         if rank != 0:
-            return Result(None, truncated, limit, len(todo))
+            return Result(None, truncated, limit, len(todo), short)
         pairs = [p for g, _ in gathered for p in g]
-        counts = [sum(c[0] for _, c in gathered), sum(c[1] for _, c in gathered)]
+        counts = [sum(c[j] for _, c in gathered) for j in range(3)]
     full = [""] * len(lines)
     for i, t in pairs:
         full[i] = t
-    return Result(full, counts[0], limit, counts[1])
+    return Result(full, counts[0], limit, counts[1], counts[2])
 
 
 def run(target, input: str = "-", output: str = "-", *, command: str = "translate", beam: int = 1,
@@ -308,10 +315,16 @@ def run(target, input: str = "-", output: str = "-", *, command: str = "translat
                            progress=progress)
         if rank != 0:
             return res
-        if res.truncated:
-            keep = "first" if command == "translate" else "last"
-            say(f"{command}: {res.truncated} of {len(lines)} lines had more than {res.limit} subwords (the "
-                f"length the model was trained on) and were cut to their {keep} {res.limit}")
+        if res.truncated and command == "translate":
+            say(f"translate: {res.truncated} of {len(lines)} lines had more than {res.limit} subwords (the "
+                f"length the model was trained on) and were cut to their first {res.limit}")
+        elif res.truncated:
+            say(f"generate: {res.truncated} of {len(lines)} prompts had more than {res.limit} subwords and were "
+                f"cut to their last {res.limit} (room for --max-new-tokens {max_new_tokens} within the model's "
+                f"{loaded.variant.model.max_positions} positions, or the length it was trained on)")
+        if res.short:
+            say(f"generate: {res.short} of {len(lines)} continuations stop before --max-new-tokens "
+                f"{max_new_tokens}: the model has {loaded.variant.model.max_positions} positions")
         write_output(output, res.lines)
         return res
     finally:

@@ -222,6 +222,22 @@ def test_generate_continues_prompts_greedy_and_beam(lm_run, tmp_path):
         run(run_dir, str(inp), str(tmp_path / "x"), command="translate", device="cpu", progress=False)
 
 
+def test_generate_leaves_room_for_the_continuation_and_says_when_it_cannot(lm_run):
+    run_dir, _ = lm_run
+    loaded = load_for_inference(run_dir, "cpu", kind="decoder-only", command="generate")
+    positions, n = loaded.variant.model.max_positions, 12
+    prompt = " ".join(["Ein Mann mit einem roten Hut spielt im Park"] * 40)   # far more subwords than positions
+    keep = min(loaded.max_source_ids, max(positions - n, positions // 2))
+    r = cli("generate", str(run_dir), "--device", "cpu", "--max-new-tokens", str(n), input=prompt + "\n")
+    assert r.returncode == 0, r.stderr
+    assert f"1 of 1 prompts had more than {keep} subwords and were cut to their last {keep}" in r.stderr, r.stderr
+    assert "stop before" not in r.stderr
+    ids = _greedy_by_forward(loaded.model, loaded.sp.encode(prompt)[-keep:], n, loaded.variant.model.vocab_size)
+    assert r.stdout == loaded.sp.decode(ids) + "\n"
+    r = cli("generate", str(run_dir), "--device", "cpu", "--max-new-tokens", str(positions), input=prompt + "\n")
+    assert r.returncode == 0 and "1 of 1 continuations stop before --max-new-tokens" in r.stderr, r.stderr
+
+
 def test_split_lines_is_newline_only():
     assert split_lines("a\rb\u2028c\n\nd\n") == ["a\rb\u2028c", "", "d"]
     assert split_lines("a") == ["a"] and split_lines("") == []
