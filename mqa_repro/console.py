@@ -83,13 +83,17 @@ def show_metrics(m: dict) -> None:
     """``evaluate``: perplexities and BLEU scores of ``m`` (metrics.json)."""
     rows = []
     for stem, p in m["perplexity"].items():
-        rows.append([stem, "ln(ppl) per subword", f"{p['ln_ppl_per_subword']:.4f}", f"{p['subword_tokens']:,} tokens"])
+        n = f", {p['sentences']:,} sentences" if "sentences" in p else ""
+        rows.append([stem, "ln(ppl) per subword", f"{p['ln_ppl_per_subword']:.4f}", f"{p['subword_tokens']:,} tokens{n}"])
         if "ppl_per_word" in p:
             rows.append([stem, "ppl per word", f"{p['ppl_per_word']:.2f}", f"{p['words']:,} words (EOS included)"])
     for b in m["bleu"]:
         rows.append([b["split"], f"BLEU {b['tokenizer']} beam {b['beam']}", f"{b['score']:.2f}", b["signature"]])
+    cap = (m.get("evaluation_settings") or {}).get("max_sentences")
     _table(f"{m['spec']}/{m['variant']} seed {m['seed']}, checkpoint step {m['checkpoint_step']}",
-           ("split", "metric", "value", "detail"), rows, left=("split", "metric", "detail"))
+           ("split", "metric", "value", "detail"), rows, left=("split", "metric", "detail"),
+           caption=f"evaluation.max_sentences {cap}: each split's first {cap} sentences only (train's dev "
+                   f"ln(ppl) covers the whole dev set)" if cap else None)
 
 
 # --------------------------------------------------------------------------------------------------

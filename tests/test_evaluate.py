@@ -140,3 +140,16 @@ def test_evaluate_decodes_what_the_reference_path_decodes(tiny_run, tiny_data):
     """On the trained tiny model and real test sentences: the engine's greedy and beam-4 hypotheses equal the
     eager reference path's (model.decode_step + the former decode.py search) token for token."""
     check_engine_equals_reference_path(tiny_run.checkpoint, tiny_data)
+
+
+def test_the_evaluate_table_says_when_splits_were_cut_to_max_sentences(capsys):
+    from mqa_repro.console import show_metrics
+
+    m = {"spec": "tiny", "variant": "multi_head", "seed": 0, "checkpoint_step": 30, "bleu": [],
+         "perplexity": {"valid": {"ln_ppl_per_subword": 5.85, "subword_tokens": 2900, "sentences": 200}},
+         "evaluation_settings": {"max_sentences": 200}}
+    show_metrics(m)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "200 sentences" in text and "evaluation.max_sentences 200: each split's first 200 sentences" in text
+    show_metrics({**m, "evaluation_settings": {"max_sentences": None}})
+    assert "max_sentences" not in capsys.readouterr().out
