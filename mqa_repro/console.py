@@ -117,8 +117,16 @@ def bench_table_rows(res: dict) -> list:
                     f"{_fmt(r['us_per_token_min'], '{:.4g}')}-{_fmt(r['us_per_token_max'], '{:.4g}')}",
                     _fmt(r["us_per_hyp_token"], "{:.4g}"), _fmt(r["bound_us_per_token"], "{:.4g}"),
                     _fmt(r["x_bound"], "{:.2f}"), _fmt(r["mbu"], "{:.0%}"), _fmt(r["mfu"], "{:.0%}"),
-                    _fmt(r.get("kv_cache_bytes", 0) / 2**20 if r.get("kv_cache_bytes") else None, "{:.0f}")])
+                    _kv_mib(r.get("kv_cache_bytes"))])
     return out
+
+
+def _kv_mib(n_bytes) -> str:
+    """K/V-cache MiB: whole MiB from 10 up, three significant figures below (a tiny model's cache is < 1 MiB)."""
+    if not n_bytes:
+        return "-"
+    mib = n_bytes / 2**20
+    return f"{mib:.0f}" if mib >= 10 else f"{mib:.3g}"
 
 
 BENCH_COLUMNS = ["variant", "measure", "batch", "src/tgt", "us/token", "min-max", "us/hyp token", "bound us",
@@ -128,15 +136,16 @@ BENCH_COLUMNS = ["variant", "measure", "batch", "src/tgt", "us/token", "min-max"
 def show_bench(res: dict, spec_name: str) -> None:
     """``decode-bench``: the Table 2 rows of ``res`` (``bench.run_bench``), the training projection, the
     peers and the noisy-row warning."""
-    from .bench import NOISY_SPREAD, significant
+    from .bench import NOISY_SPREAD, is_noisy, significant
 
     c, cfg = res["ceilings"], res["config"]
     _table(f"decode-bench {spec_name} on {c['device']} ({cfg['dtype']})", BENCH_COLUMNS, bench_table_rows(res),
            left=("variant", "measure"),
            caption=f"us per output token (time / batch / tgt_len, the paper's convention), median of "
                    f"{cfg['repeats']}; bound = roofline at {significant(c['bandwidth_Bps'] / 1e12)} TB/s, "
-                   f"{significant(c['peak_flops'] / 1e12)} TFLOP/s; noisy: repeats spread by more "
-                   f"than {NOISY_SPREAD:.0%} of the median")
+                   f"{significant(c['peak_flops'] / 1e12)} TFLOP/s"
+                   + (f"; noisy: repeats spread by more than {NOISY_SPREAD:.0%} of the median"
+                      if any(is_noisy(r) for r in res["rows"]) else ""))
     for r in res["rows"]:
         if r["measure"] == "train" and r.get("tokens_per_s"):
             mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""

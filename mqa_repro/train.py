@@ -231,7 +231,8 @@ class _Run:
             man = json.loads(man_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return
-        if not overwrite and isinstance(man, dict) and isinstance(man.get("spec"), dict):
+        if (not overwrite and isinstance(man, dict) and isinstance(man.get("spec"), dict)
+                and man.get("kind") != "prepared_data"):
             raise UserError(f"{man_path} already holds a {man.get('status', 'started')} run (step "
                             f"{man.get('checkpoint_step', '?')}, spec hash {str(man.get('spec_hash', '?'))[:12]}) "
                             f"and there is no checkpoint to resume; pass --overwrite to replace it, or --out DIR "

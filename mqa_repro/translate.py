@@ -139,6 +139,9 @@ def load_for_inference(target, device="auto", dtype: str = "fp32", data: Optiona
             man = json.loads(mpath.read_text(encoding="utf-8"))
         except ValueError:
             raise UserError(f"{mpath} is not valid JSON") from None
+        if man.get("kind") == "prepared_data":
+            raise UserError(f"{target} holds prepared data, not a run; give a run directory "
+                            f"(results/<spec>/<variant>/seed<N>) or a checkpoint file")
         if not man.get("checkpoint"):
             raise UserError(f"{mpath} names no checkpoint; train the run first")
         ckpt_path = Path(man["checkpoint"])

@@ -244,3 +244,10 @@ def test_checkpoint_that_is_not_one_is_one_sentence(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "is not a readable checkpoint" in lines[0], r.stderr
+
+
+def test_kv_cache_mib_of_a_tiny_model_is_not_printed_as_zero():
+    from mqa_repro.console import _kv_mib
+
+    assert _kv_mib(0.0625 * 2**20) == "0.0625" and _kv_mib(3.5 * 2**20) == "3.5"
+    assert _kv_mib(1536 * 2**20) == "1536" and _kv_mib(None) == "-"

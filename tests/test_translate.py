@@ -145,6 +145,8 @@ def test_mistakes_are_one_sentence_and_leave_no_output(evaluated, tiny_data, tmp
 
     # not a run directory, not a checkpoint, nothing there (the command line: one sentence, exit 2)
     assert "not a run directory" in one_line_error(cli("translate", str(tmp_path), "-i", str(inp), "-o", str(out)))
+    assert "holds prepared data, not a run" in one_line_error(cli("translate", str(tiny_data), "-i", str(inp),
+                                                                   "-o", str(out)))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     fails(junk, "not a readable checkpoint")
