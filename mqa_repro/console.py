@@ -90,7 +90,9 @@ def show_metrics(m: dict) -> None:
     for b in m["bleu"]:
         rows.append([b["split"], f"BLEU {b['tokenizer']} beam {b['beam']}", f"{b['score']:.2f}", b["signature"]])
     cap = (m.get("evaluation_settings") or {}).get("max_sentences")
-    _table(f"{m['spec']}/{m['variant']} seed {m['seed']}, checkpoint step {m['checkpoint_step']}",
+    step, steps = m["checkpoint_step"], m.get("training_steps")
+    unfinished = f" of {steps} (training unfinished; report lists the run apart)" if steps and step < steps else ""
+    _table(f"{m['spec']}/{m['variant']} seed {m['seed']}, checkpoint step {step}{unfinished}",
            ("split", "metric", "value", "detail"), rows, left=("split", "metric", "detail"),
            caption=f"evaluation.max_sentences {cap}: each split's first {cap} sentences only (train's dev "
                    f"ln(ppl) covers the whole dev set)" if cap else None)

@@ -203,7 +203,8 @@ def _evaluate_run(run_dir, splits, beams, batch_size, device, data, checkpoint, 
         stems += [("test", s) for s in d.test]
     metrics = {"run": str(run_dir), "variant": variant.name, "spec": variant.spec_name,
                "spec_hash": variant.hash, "training_hash": ck_th, "seed": ck["seed"],
-               "checkpoint_step": ck["step"], "data_manifest_hash": data_hash, "tokenizer": prepared.tokenizer(),
+               "checkpoint_step": ck["step"], "training_steps": variant.training.steps,
+               "data_manifest_hash": data_hash, "tokenizer": prepared.tokenizer(),
                "evaluation_settings": evaluation_settings(variant),
                "perplexity": {}, "bleu": []}
     engine = None

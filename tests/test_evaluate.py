@@ -142,7 +142,7 @@ def test_evaluate_decodes_what_the_reference_path_decodes(tiny_run, tiny_data):
     check_engine_equals_reference_path(tiny_run.checkpoint, tiny_data)
 
 
-def test_the_evaluate_table_says_when_splits_were_cut_to_max_sentences(capsys):
+def test_the_evaluate_table_says_when_splits_were_cut_and_when_training_is_unfinished(capsys):
     from mqa_repro.console import show_metrics
 
     m = {"spec": "tiny", "variant": "multi_head", "seed": 0, "checkpoint_step": 30, "bleu": [],
@@ -151,5 +151,6 @@ def test_the_evaluate_table_says_when_splits_were_cut_to_max_sentences(capsys):
     show_metrics(m)
     text = " ".join(capsys.readouterr().out.split())
     assert "200 sentences" in text and "evaluation.max_sentences 200: each split's first 200 sentences" in text
-    show_metrics({**m, "evaluation_settings": {"max_sentences": None}})
-    assert "max_sentences" not in capsys.readouterr().out
+    show_metrics({**m, "evaluation_settings": {"max_sentences": None}, "training_steps": 400})
+    text = " ".join(capsys.readouterr().out.split())
+    assert "max_sentences" not in text and "checkpoint step 30 of 400 (training unfinished" in text
