@@ -214,7 +214,8 @@ def show_cost_model(res, spec_name: str, dev, seq2seq: bool, src_len, beam: int,
     tables = [(f"cost-model {spec_name} on {dev.device}: {dev.bandwidth_Bps / 1e12:.3g} TB/s, "
                f"{dev.peak_flops / 1e12:.4g} TFLOP/s, {mem}", cm.DECODE_COLUMNS, cm.decode_table_rows(res),
                f"one decoder step attending `context` positions{src_note}, beam {beam}, bf16; "
-               f"us/token = step / batch; {dev.source}"),
+               f"us/token = step / batch; max batch / max context: what the device's memory holds beside the "
+               f"weights (memory alone, not the model's learned positions); {dev.source}"),
               ("memory-to-arithmetic per step (Shazeer 2019)", cm.RATIO_COLUMNS, cm.ratio_table_rows(res),
                "paper: the Θ expression evaluated (d = d_model, h = heads, g = K/V heads, n = attended, "
                "b = batch x beam); exact: values moved per multiply-add")]
