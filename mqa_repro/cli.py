@@ -144,6 +144,8 @@ def train(
     if not all_variants and not variant and len(s.variants) > 1:
         raise UserError(f"{spec} has {len(s.variants)} variants ({', '.join(s.variants)}); "
                         f"pick with --variant NAME or train them all with --all")
+    if resume and overwrite:
+        raise UserError("pass --resume (continue the run's checkpoint) or --overwrite (start over), not both")
     if stop_after is not None and stop_after <= 0:
         raise UserError(f"--stop-after must be a positive step, got {stop_after}")
     if seed is not None and seed < 0:
@@ -188,6 +190,8 @@ def uptrain(
 
     if seed is not None and seed < 0:
         raise UserError(f"--seed must be 0 or more, got {seed}")
+    if resume and overwrite:
+        raise UserError("pass --resume (continue the run's checkpoint) or --overwrite (start over), not both")
     check_writable(out_root, "dir", "--out")
     check_writable(ckpt_root, "dir", "--checkpoints")
     r, target = uptrain_run(run_dir, kv_heads, method=method, fraction=fraction, steps=steps, seed=seed,

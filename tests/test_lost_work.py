@@ -217,6 +217,8 @@ def test_a_fresh_train_never_replaces_a_finished_run_without_overwrite(tiny_data
     line = one_line("\n".join(x for x in r.stderr.splitlines() if not x.startswith("tiny/")))
     assert "already holds a finished run (step 4" in line and "--overwrite" in line, line
     assert (man.read_bytes(), (first.run_dir / "train_log.jsonl").read_bytes()) == before
+    both = cli("train", str(TINY), "--variant", "multi_head", "--resume", "--overwrite")
+    assert both.returncode == 2 and "not both" in one_line(both.stderr)
     again = short_run(tmp_path, tiny_data, "training.lr=0.01", overwrite=True)
     assert json.loads(man.read_text())["spec_hash"] == tiny(*SHORT, "training.lr=0.01").hash
     assert again.step == 4
