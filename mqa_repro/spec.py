@@ -315,11 +315,16 @@ def param_count(m: ModelSpec, d_ff: Optional[int] = None) -> int:
 
 
 def match_d_ff(m: ModelSpec, target_params: int) -> int:
-    """The FFN width that brings ``m`` closest to ``target_params`` parameters."""
+    """The FFN width that brings ``m`` closest to ``target_params`` parameters. Raises ValueError when no
+    width of at least 1 does (the rest of the model alone already has about that many or more)."""
     _, ffn, _ = layer_counts(m)
     fixed = param_count(m, d_ff=0)
     per_unit = ffn * 2 * m.d_model
-    return max(1, round((target_params - fixed) / per_unit))
+    d_ff = round((target_params - fixed) / per_unit)
+    if d_ff < 1:
+        raise ValueError(f"without a feed-forward layer this variant already has {fixed:,} parameters against "
+                         f"the base's {target_params:,}, so no d_ff matches; give d_ff a number")
+    return d_ff
 
 
 def kv_cache_bytes(m: ModelSpec, bytes_per_value: int = 2) -> dict:

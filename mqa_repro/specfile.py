@@ -334,7 +334,11 @@ def spec_from_dict(raw: Any, path="<spec>") -> Spec:
         merged = _deep_merge(base, delta)
         v = _make_variant(name, vname, merged, path, key_prefix=f"variants.{vname}.")
         if v.model.d_ff == "match":
-            v = dataclasses.replace(v, model=dataclasses.replace(v.model, d_ff=match_d_ff(v.model, base_params)))
+            try:
+                d_ff = match_d_ff(v.model, base_params)
+            except ValueError as e:
+                raise SpecError(path, f"variants.{vname}.model.d_ff", f"match: {e}") from None
+            v = dataclasses.replace(v, model=dataclasses.replace(v.model, d_ff=d_ff))
         variants[vname] = v
     desc = raw.get("description") or ""
     if not isinstance(desc, str):

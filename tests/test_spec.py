@@ -117,6 +117,9 @@ def _with(path_keys, value):
     (("variants", "multi_query"), {"modle": {}}, "variants.multi_query.modle", "did you mean 'model'"),
     (("trainig",), {}, "trainig", "did you mean 'training'"),
     (("model", "d_ff"), "match", "model.d_ff", "only meaningful in a variant"),
+    # wider heads than the base: attention alone outgrows the base model, no d_ff >= 1 matches (was d_ff = 1)
+    (("variants", "wide"), {"model": {"d_k": 16, "d_v": 16, "d_ff": "match"}}, "variants.wide.model.d_ff",
+     "no d_ff matches"),
 ])
 def test_mistakes_name_file_and_key(tmp_path, keys, value, expect_key, expect_text):
     p = _write(tmp_path, _with(keys, value))
