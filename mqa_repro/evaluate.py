@@ -90,7 +90,9 @@ def bleu_scores(hyps: list, refs: list, tokenizers) -> dict:
 # --------------------------------------------------------------------------------------------------
 # A run directory
 # --------------------------------------------------------------------------------------------------
-def _read_manifest(run_dir: Path) -> dict:
+def read_run_manifest(run_dir: Path) -> dict:
+    """A run folder's manifest.json as a dict; UserError (naming the file) when the folder, the file or an
+    object in it is missing, or it is not valid JSON."""
     import json
 
     p = run_dir / "manifest.json"
@@ -99,9 +101,12 @@ def _read_manifest(run_dir: Path) -> dict:
     if not p.is_file():
         raise UserError(f"{run_dir} has no manifest.json; is it a run directory written by `mqa-repro train`?")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        man = json.loads(p.read_text(encoding="utf-8"))
     except ValueError:
         raise UserError(f"{p} is not valid JSON") from None
+    if not isinstance(man, dict):
+        raise UserError(f"{p} holds a JSON {type(man).__name__}, not a run's manifest (an object)")
+    return man
 
 
 def evaluation_settings(variant) -> dict:
@@ -177,14 +182,14 @@ def evaluate_run(run_dir, splits=("dev", "test"), beams: Optional[list] = None, 
     from .runlock import own
 
     run_dir = Path(run_dir)
-    _read_manifest(run_dir)
+    read_run_manifest(run_dir)
     with own(run_dir, command="mqa-repro evaluate"):
         return _evaluate_run(run_dir, splits, beams, batch_size, device, data, checkpoint, progress, variant)
 
 
 def _evaluate_run(run_dir, splits, beams, batch_size, device, data, checkpoint, progress, variant) -> dict:
     """evaluate_run under the run's lock: load, check the data, score every split, write."""
-    man = _read_manifest(run_dir)
+    man = read_run_manifest(run_dir)
     ckpt_path, dev, ck, ck_th, model, variant = _load_run(run_dir, man, checkpoint, device, variant)
     ev = variant.evaluation
     beams = list(beams or ev.beams)

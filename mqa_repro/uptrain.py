@@ -17,7 +17,6 @@ Optimizer state starts fresh (the key/value projections change shape).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -102,7 +101,9 @@ def uptrain_run(run_dir, kv_heads: int, *, method: str = "mean", fraction: Optio
     man_path = run_dir / "manifest.json"
     if not man_path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no manifest.json); give one written by train")
-    man = json.loads(man_path.read_text(encoding="utf-8"))
+    from .evaluate import read_run_manifest
+
+    man = read_run_manifest(run_dir)
     if man.get("status") != "finished":
         raise UserError(f"{run_dir}: its training has not finished (status {man.get('status')!r}); "
                         f"uptrain from a finished run")

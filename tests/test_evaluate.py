@@ -84,6 +84,14 @@ def test_bad_run_directories(tiny_run, tmp_path):
     (run / "manifest.json").write_text(json.dumps({**man, "spec_hash": "0" * 64}))
     with pytest.raises(UserError, match="does not match the checkpoint"):
         evaluate_run(run, device="cpu")
+    # JSON that is not an object: one sentence from evaluate and from uptrain alike (was an AttributeError)
+    from mqa_repro.uptrain import uptrain_run
+
+    (run / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="holds a JSON list, not a run's manifest"):
+        evaluate_run(run, device="cpu")
+    with pytest.raises(UserError, match="holds a JSON list, not a run's manifest"):
+        uptrain_run(run, 1, steps=2, device="cpu")
 
 
 def test_language_model_perplexity_per_subword_and_per_word(shared_data, tmp_path):
