@@ -177,9 +177,18 @@ def run_pipeline(spec: Spec, *, stages=STAGES, variants: Optional[list] = None, 
                                    results, checkpoints, say)
         else:
             for v, seed, resume in todo:
-                say(f"train {v.name} seed {seed}" + (" (resuming)" if resume else ""))
-                train_variant(v, seed, device=device, resume=resume, out_root=results, checkpoint_root=checkpoints,
-                              data=data_path, progress=progress, overwrite=True)
+                say(f"train {v.name} seed {seed}" + (" (resuming its checkpoint)" if resume else ""))
+                try:
+                    train_variant(v, seed, device=device, resume=resume, out_root=results,
+                                  checkpoint_root=checkpoints, data=data_path, progress=progress, overwrite=True)
+                except UserError as e:
+                    if not resume or "--resume" not in str(e):
+                        raise
+                    ckpt = checkpoint_dir(v, seed, checkpoints) / CHECKPOINT_NAME
+                    why = str(e).replace("--resume: ", "").split("; use the same spec")[0]
+                    raise UserError(f"{why}; run continues a checkpoint only for the spec that made it: delete "
+                                    f"{ckpt} to train this spec from scratch, or pass other --results and "
+                                    f"--checkpoints folders") from None
 
     if "evaluate" in stages:
         from .evaluate import evaluate_run

@@ -224,8 +224,11 @@ class _Run:
     def no_checkpoint(self, overwrite: bool = False) -> None:
         """A fresh start never overwrites a checkpoint, nor (unless ``overwrite``) a run already in the folder."""
         if self.ckpt_path.is_file():
-            raise UserError(f"a checkpoint already exists at {self.ckpt_path}; pass --resume to continue it, "
-                            f"or delete it to start over")
+            if overwrite:
+                raise UserError(f"a checkpoint already exists at {self.ckpt_path}; --overwrite replaces a run "
+                                f"folder's files but never a checkpoint: delete it to start over")
+            raise UserError(f"a checkpoint already exists at {self.ckpt_path}; pass --resume to continue it (an "
+                            f"unfinished run), or delete it to start over")
         man_path = self.rdir / "manifest.json"
         try:
             man = json.loads(man_path.read_text(encoding="utf-8"))

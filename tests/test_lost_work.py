@@ -224,6 +224,27 @@ def test_a_fresh_train_never_replaces_a_finished_run_without_overwrite(tiny_data
     assert again.step == 4
 
 
+def test_run_after_a_spec_change_says_how_to_retrain_instead_of_pointing_at_resume(tiny_data, tmp_path):
+    import yaml
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw["training"].update(steps=4, batch_tokens=512, log_every=1, eval_every=100, checkpoint_every=100)
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tiny").symlink_to(tiny_data)
+    train_variant(load_spec(spec).variants["multi_head"], 0, device="cpu", data=tiny_data, progress=False,
+                  out_root=tmp_path / "results", checkpoint_root=tmp_path / "ck", stop_after=2)
+    raw["training"]["lr"] = raw["training"]["lr"] * 2
+    spec.write_text(yaml.safe_dump(raw))
+    r = cli("run", str(spec), "--stages", "train", "--variant", "multi_head", "--device", "cpu",
+            "--results", "results", "--checkpoints", "ck", cwd=tmp_path)
+    assert r.returncode == 2
+    line = one_line("\n".join(x for x in r.stderr.splitlines() if "run:" not in x))
+    assert "different spec (differs in training.lr)" in line and "to train this spec from scratch" in line, line
+    assert "--resume" not in line and "--set" not in line
+
+
 # -- 9. a killed writer's partial log line and temporaries; the manifest after a signal ----------------
 def test_resume_after_a_kill_mid_write(tiny_data, tmp_path, capsys):
     first = short_run(tmp_path, tiny_data, stop_after=2)
