@@ -11,9 +11,9 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-# When piped, do not squeeze tables into 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
+# When piped, do not squeeze tables into 80 columns, and never break a printed line (a path, a message) in two.
+out = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, soft_wrap=True)
 
 
 def say(msg: str) -> None:
