@@ -236,7 +236,7 @@ class _Run:
             return
         if (not overwrite and isinstance(man, dict) and isinstance(man.get("spec"), dict)
                 and man.get("kind") != "prepared_data"):
-            raise UserError(f"{man_path} already holds a {man.get('status', 'started')} run (step "
+            raise UserError(f"{man_path} already holds a run ({man.get('status', 'started')}, step "
                             f"{man.get('checkpoint_step', '?')}, spec hash {str(man.get('spec_hash', '?'))[:12]}) "
                             f"and there is no checkpoint to resume; pass --overwrite to replace it, or --out DIR "
                             f"to train elsewhere")

@@ -215,7 +215,7 @@ def test_a_fresh_train_never_replaces_a_finished_run_without_overwrite(tiny_data
             *sum([["--set", s] for s in SHORT + ["training.lr=0.01"]], []))
     assert r.returncode == 2
     line = one_line("\n".join(x for x in r.stderr.splitlines() if not x.startswith("tiny/")))
-    assert "already holds a finished run (step 4" in line and "--overwrite" in line, line
+    assert "already holds a run (finished, step 4" in line and "--overwrite" in line, line
     assert (man.read_bytes(), (first.run_dir / "train_log.jsonl").read_bytes()) == before
     both = cli("train", str(TINY), "--variant", "multi_head", "--resume", "--overwrite")
     assert both.returncode == 2 and "not both" in one_line(both.stderr)
