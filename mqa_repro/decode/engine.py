@@ -287,23 +287,18 @@ class Engine:
             live = np.flatnonzero(~done)
             rows_now = w.search.done.shape[0]
             if t < done_at and rows_now >= COMPACT_MIN_ROWS and len(live) <= rows_now // 2:
-                for i, ids in zip(np.flatnonzero(done), self._results(w, n, np.flatnonzero(done))):
+                finished = np.flatnonzero(done)
+                for i, ids in zip(finished, w.search.results(finished)):
                     out[slot_of[i]] = ids
                 w = self._compact(w, live, beam, steps, alpha, eos)
                 slot_of, n = slot_of[live], len(live)
         self.steps_run += t
-        for i, ids in zip(range(n), w.search.results(n)):
+        for i, ids in zip(range(n), w.search.results(range(n))):
             out[slot_of[i]] = ids
         if self.timing:
             self._sync()
             self.decode_seconds += time.perf_counter() - t0
         return out
-
-    @staticmethod
-    def _results(w: _Work, n: int, which: np.ndarray) -> list:
-        """The results of sentence slots ``which`` (of the first ``n``)."""
-        res = w.search.results(n)
-        return [res[i] for i in which]
 
     def _compact(self, w: _Work, live: np.ndarray, beam: int, steps: int, alpha: float, eos: bool) -> _Work:
         """Carry on with sentence slots ``live`` of ``w`` (a batch at least half done) in a workspace of

@@ -22,8 +22,9 @@ parents), and traced back once at the end.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from ..model import EOS, PAD
@@ -41,6 +42,11 @@ def max_lengths(src_len_B: torch.Tensor, a: float, b: float, cap: int) -> torch.
     """Per-sentence decode limit min(cap, floor(a * source length + b)), at least 1. ``src_len_B``: source
     tokens as the encoder sees them (EOS included). Returns int64 [B]."""
     return torch.clamp((a * src_len_B.float() + b).floor().long(), max=cap, min=1)
+
+
+def _index(rows: Sequence[int], device) -> torch.Tensor:
+    """``rows`` (any sequence of ints, a numpy array or a range) as an int64 index tensor on ``device``."""
+    return torch.as_tensor(np.asarray(rows, dtype=np.int64), device=device)
 
 
 def _at(t: Step, x: torch.Tensor, value: torch.Tensor) -> None:
@@ -89,10 +95,13 @@ class Greedy:
         if self.limit_N is not None:
             self.done_N |= (t + 1) >= self.limit_N
 
-    def results(self, n: Optional[int] = None) -> list:
-        """Per row (the first ``n``): the emitted ids up to EOS (exclusive) or the limit."""
+    def results(self, rows: Optional[Sequence[int]] = None) -> list:
+        """Per row (those of ``rows``, default all): the emitted ids up to EOS (exclusive) or the limit."""
+        out_NT = self.out_TN.t()
+        if rows is not None:
+            out_NT = out_NT[_index(rows, out_NT.device)]
         out = []
-        for row in self.out_TN.t()[:n].tolist():
+        for row in out_NT.tolist():
             ids = []
             for x in row:
                 if x == EOS and self.eos or x == PAD and self.limit_N is not None:
@@ -191,13 +200,17 @@ class Beam:
         self.fin_count_B += finish.sum(1)
         self.done_B |= (self.fin_count_B >= k) | last_B
 
-    def results(self, n: Optional[int] = None) -> list:
-        """Per sentence (the first ``n``): the best finished hypothesis' ids without its EOS."""
-        n = self.batch if n is None else n
-        best = self.fin_scores_BK[:n].argmax(1, keepdim=True)
-        step = self.fin_step_BK[:n].gather(1, best).view(-1).tolist()
-        row = self.fin_row_BK[:n].gather(1, best).view(-1).tolist()
-        last = self.fin_tok_BK[:n].gather(1, best).view(-1).tolist()
+    def results(self, rows: Optional[Sequence[int]] = None) -> list:
+        """Per sentence (those of ``rows``, default all): the best finished hypothesis' ids without its EOS."""
+        fin = [self.fin_scores_BK, self.fin_step_BK, self.fin_row_BK, self.fin_tok_BK]
+        if rows is not None:
+            sel = _index(rows, self.fin_scores_BK.device)
+            fin = [x[sel] for x in fin]
+        scores, steps, parents, toks = fin
+        best = scores.argmax(1, keepdim=True)
+        step = steps.gather(1, best).view(-1).tolist()
+        row = parents.gather(1, best).view(-1).tolist()
+        last = toks.gather(1, best).view(-1).tolist()
         # numpy on the host: one copy each, then element reads cost ~0.1 us instead of a tensor index's ~us
         hist, parent = self.hist_TN.cpu().numpy(), self.parent_TN.cpu().numpy()
         out = []
