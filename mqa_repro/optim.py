@@ -38,6 +38,14 @@ def lr_at(step: int, t) -> float:
     return t.lr * warm
 
 
+def _on_device(values: list, device: torch.device) -> torch.Tensor:
+    """Host numbers as a float32 vector on ``device`` without waiting for it: from pinned memory with a
+    non-blocking copy on CUDA (``torch.tensor(values, device=...)`` copies from pageable memory, which
+    synchronises the stream)."""
+    t = torch.tensor(values, dtype=torch.float32)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 class Adafactor(torch.optim.Adafactor):
     """``torch.optim.Adafactor`` (same hyper-parameters, state and update) whose ``foreach=True`` step never
     waits for the device.
@@ -91,8 +99,8 @@ class Adafactor(torch.optim.Adafactor):
             steps.append(float(st["step"]))
         dev = params[0].device
         decay = [s ** group["beta2_decay"] for s in steps]                        # 1 - beta2_t
-        rho = torch.tensor([min(lr, s ** -0.5) for s in steps], device=dev)
-        root_n = torch.tensor([p.numel() ** 0.5 for p in params], device=dev)
+        rho = _on_device([min(lr, s ** -0.5) for s in steps], dev)
+        root_n = _on_device([p.numel() ** 0.5 for p in params], dev)
         # relative step size: max(eps2, RMS(p)) * rho, from the parameters before weight decay
         alpha = (torch.stack(torch._foreach_norm(params)).float() / root_n).clamp_min(eps2) * rho
         if wd:
