@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .errors import OutputError, UserError
+from .errors import OutputError, ResumeError, UserError
 from .model import Transformer
 from .provenance import describe_os_error
 from .spec import TRAINING_SECTIONS, Variant, training_hash
@@ -150,19 +150,18 @@ def manifest_training_hash(man: dict) -> Optional[str]:
 
 def check_resumable(ck: dict, path: Path, variant: Variant, seed: int, data_hash: Optional[str],
                     data_path) -> None:
-    """Raises UserError (naming ``path``) unless the checkpoint ``ck`` read from ``path`` continues this
+    """Raises ResumeError (a UserError naming ``path``) unless the checkpoint ``ck`` read from ``path`` continues this
     run: the same training sections of the spec, the same seed, the same prepared data (fingerprint
     ``data_hash`` of the data at ``data_path``) and steps left to train."""
     if checkpoint_training_hash(ck) != variant.training_hash:   # evaluation/benchmark may differ
         diff = [k for k in _spec_diff(ck["spec"], variant.to_dict())
                 if k.split(".")[0] in TRAINING_SECTIONS + ("schema_version",)]
-        raise UserError(f"--resume: the checkpoint at {path} was trained with a different spec "
-                        f"(differs in {', '.join(diff) or 'its hash'}); use the same spec and --set values")
+        raise ResumeError(f"the checkpoint at {path} was trained with a different spec "
+                          f"(differs in {', '.join(diff) or 'its hash'})", "use the same spec and --set values")
     if ck["seed"] != seed:
-        raise UserError(f"--resume: the checkpoint at {path} is for seed {ck['seed']}, not {seed}")
+        raise ResumeError(f"the checkpoint at {path} is for seed {ck['seed']}, not {seed}")
     if ck.get("data_manifest_hash") and ck["data_manifest_hash"] != data_hash:
-        raise UserError(f"--resume: the prepared data at {data_path} is not the data the checkpoint at "
-                        f"{path} was trained on (its fingerprint differs); pass the right --data")
+        raise ResumeError(f"the prepared data at {data_path} is not the data the checkpoint at {path} was "
+                          f"trained on (its fingerprint differs)", "pass the right --data")
     if ck["step"] >= variant.training.steps:
-        raise UserError(f"--resume: the checkpoint at {path} has already finished all "
-                        f"{variant.training.steps} steps")
+        raise ResumeError(f"the checkpoint at {path} has already finished all {variant.training.steps} steps")

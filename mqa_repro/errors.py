@@ -17,6 +17,15 @@ class SpecError(UserError):
         super().__init__(f"{where}: {message}")
 
 
+class ResumeError(UserError):
+    """A checkpoint that does not continue the run asked for. ``why`` says what differs, ``advice`` what to do
+    with ``train``; ``run`` gives its own advice (it has no --resume)."""
+
+    def __init__(self, why: str, advice: str = ""):
+        self.why, self.advice = why, advice
+        super().__init__(f"--resume: {why}" + (f"; {advice}" if advice else ""))
+
+
 class OutputError(UserError, OSError):
     """An output path that cannot be written (missing parent, a file in the way, read-only, disk full).
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import UserError
+from .errors import ResumeError, UserError
 from .spec import Spec
 
 STAGES = ("prepare", "train", "evaluate", "bench", "report")
@@ -181,12 +181,9 @@ def run_pipeline(spec: Spec, *, stages=STAGES, variants: Optional[list] = None, 
                 try:
                     train_variant(v, seed, device=device, resume=resume, out_root=results,
                                   checkpoint_root=checkpoints, data=data_path, progress=progress, overwrite=True)
-                except UserError as e:
-                    if not resume or "--resume" not in str(e):
-                        raise
+                except ResumeError as e:
                     ckpt = checkpoint_dir(v, seed, checkpoints) / CHECKPOINT_NAME
-                    why = str(e).replace("--resume: ", "").split("; use the same spec")[0]
-                    raise UserError(f"{why}; run continues a checkpoint only for the spec that made it: delete "
+                    raise UserError(f"{e.why}; run continues a checkpoint only for the spec that made it: delete "
                                     f"{ckpt} to train this spec from scratch, or pass other --results and "
                                     f"--checkpoints folders") from None
 
