@@ -74,7 +74,7 @@ def _fixed(spec, s, variants, state, peer, out_file, *, batch_size, src_len, tgt
     _only_with("--real", {"--test-set": _real_only.get("test_set"), "--data": _real_only.get("data"),
                           "--max-sentences": _real_only.get("max_sentences"),
                           "--sentences-per-batch": _real_only.get("sentences_per_batch"),
-                          "--peer-threads": _real_only.get("peer_threads")})
+                          "--peer-threads": _real_only.get("peer_threads") or None})   # 0: its default
 
     if attention not in ("triton", "torch"):
         raise UserError(f"--attention must be triton or torch, got {attention!r}")
@@ -106,10 +106,15 @@ def _fixed(spec, s, variants, state, peer, out_file, *, batch_size, src_len, tgt
     _emit(format, res, lambda: to_csv(res), lambda: show_bench(res, s.name))
 
 
-def _only_with(flag: str, given: dict) -> None:
-    """UserError naming the options of ``given`` (name -> value; None, empty or 0 = not given) that only
-    ``flag`` uses, so that none of them is silently ignored."""
-    used = [name for name, x in given.items() if x not in (None, [], (), 0)]
+def _given(options: dict) -> list:
+    """The names of ``options`` (name -> value) the user gave: not None and not an empty list."""
+    return [name for name, x in options.items() if x not in (None, [], ())]
+
+
+def _only_with(flag: str, options: dict) -> None:
+    """UserError naming the given ``options`` (:func:`_given`) that only ``flag`` uses, so that none of them
+    is silently ignored."""
+    used = _given(options)
     if used:
         raise UserError(f"{', '.join(used)} {'goes' if len(used) == 1 else 'go'} with {flag}, which is not set")
 
@@ -122,10 +127,9 @@ def _real(spec, s, variants, state, peer, out_file, *, beam, device, dtype, repe
 
     if peer == "hf":
         raise UserError("--peer hf times fixed shapes only (Marian on random weights); use --peer ct2 with --real")
-    given = {"--batch-size": _fixed_only.get("batch_size"), "--src-len": _fixed_only.get("src_len"),
-             "--tgt-len": _fixed_only.get("tgt_len"), "--sweep": _fixed_only.get("sweep"),
-             "--sweep-value": _fixed_only.get("sweep_values")}
-    used = [name for name, x in given.items() if x not in (None, [], ())]
+    used = _given({"--batch-size": _fixed_only.get("batch_size"), "--src-len": _fixed_only.get("src_len"),
+                   "--tgt-len": _fixed_only.get("tgt_len"), "--sweep": _fixed_only.get("sweep"),
+                   "--sweep-value": _fixed_only.get("sweep_values")})
     if used:
         raise UserError(f"{', '.join(used)} set{'s' if len(used) == 1 else ''} the fixed-shape rows, which --real "
                         f"does not time (--real takes --sentences-per-batch and the test set's own lengths)")
