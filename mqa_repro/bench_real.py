@@ -40,7 +40,7 @@ import torch
 from . import roofline as rl
 from .bench import _free, _stats, build_model, time_runs
 from .errors import UserError
-from .provenance import manifest
+from .provenance import manifest, write_json_atomic
 
 SCHEMA = 1
 DEFAULT_BATCHES = (1024, 32)
@@ -242,14 +242,16 @@ def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer:
     prov = manifest(None, None, device, spec_path=spec_path)
 
     def document(complete: bool) -> dict:
-        return _document(variants, cfg, checkpoint_state, spec_path, prov, ceil, sents_by_data, rows, peers,
-                         complete)
-
-    def finished_row() -> None:
+        """The rows so far as a results document, written to ``out_file`` when one is given."""
+        doc = _document(variants, cfg, checkpoint_state, spec_path, prov, ceil, sents_by_data, rows, peers,
+                        complete)
         if out_file is not None:
-            from .provenance import write_json_atomic
+            write_json_atomic(out_file, doc)
+        return doc
 
-            write_json_atomic(out_file, document(False))
+    def finished_row() -> None:   # the rows so far on disk, in case a time limit stops the run
+        if out_file is not None:
+            document(False)
     for v in variants:
         m = v.model
         if not m.is_seq2seq:
@@ -284,12 +286,7 @@ def run_real_bench(variants: list, cfg: RealConfig, checkpoint_state=None, peer:
         ct2_models.clear()
         del eng, model
         _free(device)
-    res = document(True)
-    if out_file is not None:
-        from .provenance import write_json_atomic
-
-        write_json_atomic(out_file, res)
-    return res
+    return document(True)
 
 
 def _document(variants, cfg, checkpoint_state, spec_path, prov, ceil, sents_by_data, rows, peers,
