@@ -3,7 +3,10 @@
 target and 256 source tokens, bf16 autocast), after its warm-up. A development tool (notes/training-speed.md).
 
     PYTHONPATH=. python3 scripts/profile_train_step.py [--variant multi_head] [--no-compile] [--steps 3]
-        [--micro-tokens N]
+        [--micro-tokens N] [--sdpa auto|cudnn|efficient|flash|math] [--no-masks]
+
+``--sdpa`` leaves only that SDPA backend on (torch.backends.cuda flags, before compiling); ``--no-masks``
+drops every attention mask (a timing bound only: what attention would cost without masks, not the model).
 """
 import argparse
 
@@ -21,7 +24,18 @@ ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True
 ap.add_argument("--steps", type=int, default=3)
 ap.add_argument("--rows", type=int, default=40)
 ap.add_argument("--micro-tokens", type=int, default=None, help="override training.micro_batch_tokens")
+ap.add_argument("--sdpa", default="auto", choices=["auto", "cudnn", "efficient", "flash", "math"])
+ap.add_argument("--no-masks", action="store_true", help="timing bound: attention without masks")
 args = ap.parse_args()
+if args.sdpa != "auto":
+    for name in ("cudnn", "efficient", "flash", "math"):
+        getattr(torch.backends.cuda, f"enable_{name}_sdp" if name != "efficient" else "enable_mem_efficient_sdp")(
+            name == args.sdpa)
+if args.no_masks:
+    import mqa_repro.model as _m
+
+    _m.self_mask = lambda *a, **k: None
+    _m.cross_mask = lambda *a, **k: None
 
 v = load_spec("experiments/wmt14_ende.yaml").variants[args.variant]
 dev = torch.device("cuda")
@@ -54,7 +68,7 @@ b.record()
 b.synchronize()
 ms = a.elapsed_time(b) / args.steps
 print(f"{args.variant}: step {ms:.1f} ms ({rows * seq / ms * 1e3:,.0f} target tokens/s), compile={args.compile}, "
-      f"micro-batches {len(host)}", flush=True)
+      f"micro-batches {len(host)}, sdpa {args.sdpa}, masks {not args.no_masks}", flush=True)
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
     for i in range(args.steps):
         one(20 + i)
