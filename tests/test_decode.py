@@ -140,6 +140,7 @@ def test_graph_mode_bookkeeping_with_compaction_equals_the_oracle(row, sentences
     monkeypatch.setattr(engine_mod, "CHECK_EVERY", 1)
     monkeypatch.setattr(engine_mod, "COMPACT_MIN_ROWS", 2)
     monkeypatch.setattr(engine_mod.Engine, "_capture", lambda self, w: None)   # a step then runs eagerly
+    monkeypatch.setattr(engine_mod, "compaction_pays", lambda *a: True)      # no capture is timed here
     monkeypatch.setattr(engine_mod.Engine, "_evict", lambda self, positions: None)
     m = make(row)
     eng = Engine(m)
@@ -149,6 +150,14 @@ def test_graph_mode_bookkeeping_with_compaction_equals_the_oracle(row, sentences
         for _ in range(2):
             assert eng.translate(sentences, beam=beam, batch_tokens=80, **LIMITS) == want, beam
     assert any(w.children for w in eng._work.values())
+
+
+def test_a_gpu_batch_compacts_only_where_the_step_time_saved_beats_a_graph_capture():
+    from mqa_repro.decode.engine import compaction_pays
+
+    assert not compaction_pays(40, 2e-4, 0.015)     # a host-bound small model: at most 4 ms saved, 15 ms spent
+    assert compaction_pays(100, 3e-3, 0.03)          # the paper-size model: 150 ms saved at most, 30 ms spent
+    assert not compaction_pays(100, None, 0.03) and not compaction_pays(100, 3e-3, None)   # not yet timed
 
 
 def test_beam_one_is_greedy_and_batching_and_early_stop_change_nothing(sentences, monkeypatch):

@@ -11,7 +11,9 @@ Real input (:meth:`Engine.translate`, :meth:`Engine.generate`):
 * a batch stops once every row is done, checked every ``CHECK_EVERY`` steps (one host synchronisation);
   at such a check a batch of ``COMPACT_MIN_ROWS`` rows or more whose unfinished sentences fit in half its
   rows carries on with only those (moved to the front of its cache in place and decoded by a smaller
-  workspace over those rows), so finished rows stop costing a step;
+  workspace over those rows), so finished rows stop costing a step; on a GPU only where that pays
+  (:func:`compaction_pays`: a small model's step costs the same at any row count, and a new workspace
+  costs a graph capture);
 * on a GPU one step (decoder + search) is a CUDA graph, captured once per shape: rows, source length and
   decode length are rounded up to a few buckets (:func:`bucket`), so few shapes are captured; padding rows
   are empty sentences that finish at once;
@@ -34,7 +36,7 @@ import torch
 from ..errors import UserError
 from ..model import BOS, EOS, PAD, Transformer
 from .cache import DecodeCache
-from .kernels import triton
+from .kernels import start_triton_warm_up, triton, wait_triton_warm_up
 from .search import Beam, Greedy, max_lengths
 from .step import DecoderStep
 
@@ -71,6 +73,17 @@ class _Work:
     children: dict = field(default_factory=dict)   # rows -> the _Work over this one's first rows (_compact)
 
 
+def compaction_pays(steps_left: int, step_s: Optional[float], capture_s: Optional[float]) -> bool:
+    """Whether moving a batch's unfinished sentences (at most half its rows) into a NEW workspace pays on a GPU:
+    at most half of each remaining step's time can be saved (``steps_left`` steps of ``step_s`` seconds,
+    measured between the last two checks), against the new workspace's CUDA graph capture (``capture_s``, the
+    engine's mean so far). Unknown times: no. A model whose step is bound by the host (a few hundred µs of
+    graph replay at any row count) never pays; the paper-size model at hundreds of sentences does."""
+    if step_s is None or capture_s is None:
+        return False
+    return steps_left * step_s / 2 > capture_s
+
+
 class Engine:
     """Greedy and beam search with a model; see the module docstring."""
 
@@ -96,6 +109,9 @@ class Engine:
         self.timing = False
         self.steps_run = 0            # decoder steps run (all batches), for the benchmark
         self._work: dict = {}
+        self._captures = [0, 0.0]     # CUDA graphs captured, their seconds (compaction_pays)
+        if self.device.type == "cuda" and use_triton is not False:
+            start_triton_warm_up()    # hidden behind whatever the caller does before the first decode
 
     # -- public API ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -167,6 +183,7 @@ class Engine:
         """Decode every sequence of ``seqs`` (lengths ``lens`` [N], step limits ``limits`` [N]) in batches of at
         most ``batch_tokens`` tokens; the results in input order. ``progress(n)`` after each batch."""
         _check_beam(beam)
+        wait_triton_warm_up()
         out = [None] * len(seqs)
         for idx in self._batches(lens, batch_tokens):
             ids = self._decode_batch([seqs[i] for i in idx], lens[idx], limits[idx], beam, alpha,
@@ -274,24 +291,30 @@ class Engine:
         t, n = 0, b                    # n sentences in the workspace, slot i holding sentence slot_of[i]
         slot_of = np.arange(b)
         out = [None] * b
+        checked = None                 # when the last check returned (the step time between checks)
         while t < done_at:
-            for _ in range(min(CHECK_EVERY, done_at - t)):
+            chunk = min(CHECK_EVERY, done_at - t)
+            for _ in range(chunk):
                 if w.graph is not None:
                     w.graph.replay()
                 else:
                     self._dynamic_step(w)
                 t += 1
             done = w.search.done[:n].cpu().numpy()     # one host synchronisation
+            now = time.perf_counter()
+            step_s, checked = (None if checked is None else (now - checked) / chunk), now
             if done.all():
                 break
             live = np.flatnonzero(~done)
             rows_now = w.search.done.shape[0]
-            if t < done_at and rows_now >= COMPACT_MIN_ROWS and len(live) <= rows_now // 2:
+            if (t < done_at and rows_now >= COMPACT_MIN_ROWS and len(live) <= rows_now // 2
+                    and self._compaction_pays(w, len(live), done_at - t, step_s)):
                 finished = np.flatnonzero(done)
                 for i, ids in zip(finished, w.search.results(finished)):
                     out[slot_of[i]] = ids
                 w = self._compact(w, live, beam, steps, alpha, eos)
                 slot_of, n = slot_of[live], len(live)
+                checked = time.perf_counter()
         self.steps_run += t
         for i, ids in zip(range(n), w.search.results(range(n))):
             out[slot_of[i]] = ids
@@ -299,6 +322,14 @@ class Engine:
             self._sync()
             self.decode_seconds += time.perf_counter() - t0
         return out
+
+    def _compaction_pays(self, w: _Work, live: int, steps_left: int, step_s: Optional[float]) -> bool:
+        """Compact eagerly (no capture to pay) or into a workspace this batch shape already holds; otherwise
+        when :func:`compaction_pays`."""
+        if not self.graphs or bucket(live, 1) in w.children:
+            return True
+        n, seconds = self._captures
+        return compaction_pays(steps_left, step_s, seconds / n if n else None)
 
     def _compact(self, w: _Work, live: np.ndarray, beam: int, steps: int, alpha: float, eos: bool) -> _Work:
         """Carry on with sentence slots ``live`` of ``w`` (a batch at least half done) in a workspace of
@@ -425,8 +456,9 @@ class Engine:
             self.step.hidden(w.cache, ids_NP.gather(1, pos_N[:, None]).view(-1), pos_N=pos_N)
 
     def _capture(self, w: _Work):
-        """One CUDA graph of :meth:`_dynamic_step` on ``w``'s tensors; the warm-up (kernel compilation, tuning)
-        runs on a copy of the state, which is then restored."""
+        """One CUDA graph of :meth:`_dynamic_step` on ``w``'s tensors; the warm-up step (kernel compilation,
+        tuning) runs on a copy of the state, which is then restored. Its seconds count in ``_captures``."""
+        t_start = time.perf_counter()
         saved = {k: v.clone() for k, v in vars(w.search).items() if torch.is_tensor(v)}
         anc = [a.clone() for a in w.cache.anc] if w.cache.anc is not None else None
         t0 = w.t_1.clone()
@@ -437,8 +469,7 @@ class Engine:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):
-                self._dynamic_step(w)
+            self._dynamic_step(w)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -453,6 +484,8 @@ class Engine:
                 a.copy_(b)
         w.t_1.copy_(t0)
         torch.cuda.synchronize(self.device)
+        self._captures[0] += 1
+        self._captures[1] += time.perf_counter() - t_start
         return graph
 
 
@@ -463,6 +496,7 @@ class FixedRun:
     def __init__(self, engine: Engine, batch: int, beam: int, steps: int, src_BS: Optional[torch.Tensor]):
         self.engine, self.steps, self.beam = engine, steps, beam
         m, dev = engine.spec, engine.device
+        wait_triton_warm_up()
         self.cache = DecodeCache(len(engine.model.decoder), batch, beam, m.n_kv_heads, m.d_k, m.d_v, steps,
                                  m.window, dev, engine.model.embed.weight.dtype)
         if src_BS is not None:

@@ -13,7 +13,9 @@ N for self-attention).
 """
 from __future__ import annotations
 
+import importlib
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -34,6 +36,40 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 def _triton_here(t: torch.Tensor) -> bool:
     return triton is not None and (t.is_cuda or _INTERPRET)
+
+
+_warm_up: Optional[threading.Thread] = None
+
+
+def start_triton_warm_up() -> None:
+    """Start, on a background thread, the work Triton does once per process at its first kernel launch:
+    hashing its own compiler (libtriton and its Python sources: the key of its on-disk kernel cache) and
+    importing its compiler's front end, together about 0.55 s on an H200 host (notes/engine.md). A caller
+    that builds an engine and then does other work (``evaluate`` scores the dev perplexity first) hides
+    it; :func:`wait_triton_warm_up` joins the thread before the engine's first launch so the work is never
+    done twice. Best effort: ``triton.runtime.cache.triton_key`` is Triton's internal function (cached per
+    process); when it is missing or fails, Triton does the work at the first launch as it always has."""
+    global _warm_up
+    if triton is None or _warm_up is not None:
+        return
+
+    def work():
+        try:
+            from triton.runtime.cache import triton_key
+
+            triton_key()
+            importlib.import_module("triton.experimental.gluon")   # its compiler's first kernel imports it
+        except Exception:  # noqa: BLE001 - an optimisation only
+            pass
+
+    _warm_up = threading.Thread(target=work, name="triton-warm-up")
+    _warm_up.start()
+
+
+def wait_triton_warm_up() -> None:
+    """Join the thread of :func:`start_triton_warm_up` (at once when none was started or it is done)."""
+    if _warm_up is not None:
+        _warm_up.join()
 
 
 # --------------------------------------------------------------------------------------------------
