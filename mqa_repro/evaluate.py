@@ -57,15 +57,18 @@ def translate(model, ex: Examples, ev, beam: int, batch_size: int, device, advan
     """Token ids of the best hypothesis for every source sentence, in the split's order (EOS removed).
 
     Decoded by the engine (:class:`mqa_repro.decode.Engine`; pass ``engine`` to reuse its captured graphs):
-    sentences sorted by source length, at least ``batch_size`` per batch.
+    sentences sorted by source length, at least ``batch_size`` per batch: batches of at most ``batch_size``
+    times the longest source rounded up to the engine's length bucket, so that splits of similar lengths
+    are cut into batches of the same shapes and share the engine's CUDA graphs.
     """
     from .decode import Engine
+    from .decode.engine import bucket
 
     if engine is None:
         engine = Engine(model, vocab_limit=vocab_limit)
     if not len(ex):
         return []
-    tokens = max(1, batch_size) * int(ex.src_lens.max())
+    tokens = max(1, batch_size) * bucket(int(ex.src_lens.max()))
     return engine.translate(ex.src, beam=beam, alpha=ev.length_penalty, max_len_a=ev.max_len_a,
                             max_len_b=ev.max_len_b, max_len_cap=ev.max_len_cap, batch_tokens=tokens,
                             progress=advance)
@@ -244,6 +247,9 @@ def _load_run(run_dir: Path, man: dict, checkpoint, device, variant) -> tuple:
     dev = resolve_device(device) if isinstance(device, str) else device
     if dev.type == "cuda":   # decoding runs in float32; TF32 matmuls keep it fast on the GPU
         torch.backends.cuda.matmul.allow_tf32 = True
+        from .decode.kernels import start_triton_warm_up
+
+        start_triton_warm_up()   # Triton's start-up, behind the checkpoint's loading and the dev perplexity
     ck = load_checkpoint(ckpt_path)
     ck_th = checkpoint_training_hash(ck)
     recorded = None       # the run's spec as its manifest records it (evaluation settings may be newer)

@@ -49,14 +49,22 @@ def token_losses(logits_BTV, targets_BT, vocab_size: int, label_smoothing: float
     return loss_BT, nll_BT, lse_BT
 
 
-def chunk_loss_and_grad(logits_CV, targets_C, mask_C, label_smoothing: float, z_loss: float, need_grad: bool):
-    """One chunk: (summed loss, summed NLL, d summed loss / d logits or None), all float32.
+def chunk_loss_and_grad(logits_CP, targets_C, mask_C, vocab_size: int, label_smoothing: float, z_loss: float,
+                        need_grad: bool):
+    """One chunk: (summed loss, summed NLL: float32; d summed loss / d logits or None).
 
-    ``logits_CV``: [C, V] float32 logits over the real vocabulary (overwritten when ``need_grad``: the
-    gradient is built in its memory); ``targets_C``: [C] ids; ``mask_C``: [C] bool, True for tokens that
-    count. Masked tokens contribute exactly 0 to the sums and to the gradient (even if their logits are
-    not finite). A pure tensor function, so that ``torch.compile`` can fuse it (see ``TrainStep``).
+    ``logits_CP``: [C, P] logits over the padded vocabulary in the unembedding product's dtype (bf16 on a
+    GPU); only the first ``vocab_size`` columns count, upcast to float32 here (in float32 they are
+    overwritten when ``need_grad``). ``targets_C``: [C] ids; ``mask_C``: [C] bool, True for tokens that
+    count. The gradient is [C, P] in ``logits_CP``'s dtype, zero in the padding columns (a row stride of P,
+    a multiple of 128, keeps the two gradient products on cuBLAS's aligned tensor-core kernels: a stride of
+    V = 33,708 made them fall back to 2-byte-aligned kernels 3x slower on an H200). Masked tokens contribute
+    exactly 0 to the sums and to the gradient (even if their logits are not finite). A pure tensor function,
+    so that ``torch.compile`` fuses the upcast, the reductions and the gradient into a few kernels (see
+    ``TrainStep``).
     """
+    p = logits_CP.shape[-1]
+    logits_CV = logits_CP[:, :vocab_size].float()
     lse_C = torch.logsumexp(logits_CV, dim=-1)
     idx_C1 = targets_C.clamp(min=0)[:, None]
     nll_C = lse_C - logits_CV.gather(-1, idx_C1)[:, 0]
@@ -71,7 +79,7 @@ def chunk_loss_and_grad(logits_CV, targets_C, mask_C, label_smoothing: float, z_
     nll_sum = torch.where(mask_C, nll_C, zero).sum()
     if not need_grad:
         return loss_sum, nll_sum, None
-    v = logits_CV.shape[-1]
+    v = vocab_size
     coef_C = 1.0 + 2.0 * z_loss * lse_C if z_loss else torch.ones_like(lse_C)
     coef_C = torch.where(mask_C, coef_C, zero)
     grad_CV = logits_CV.sub_(lse_C[:, None]).exp_().mul_(coef_C[:, None])          # p * coef, in place
@@ -79,7 +87,7 @@ def chunk_loss_and_grad(logits_CV, targets_C, mask_C, label_smoothing: float, z_
     grad_CV.scatter_add_(-1, idx_C1, (-(1.0 - label_smoothing) * m_C)[:, None])
     if label_smoothing:
         grad_CV.sub_((label_smoothing / v) * m_C[:, None])
-    return loss_sum, nll_sum, grad_CV
+    return loss_sum, nll_sum, torch.nn.functional.pad(grad_CV.to(logits_CP.dtype), (0, p - v))
 
 
 def chunk_rows_for(padded_vocab: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
@@ -106,23 +114,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for r0 in range(0, n, chunk_rows):
             r1 = min(n, r0 + chunk_rows)
             logits_CP = hc[r0:r1] @ wc.t()                                   # [C, P] compute dtype
-            logits_CV = logits_CP[:, :vocab_size].float()
+            ls, ns, g_CP = chunk_fn(logits_CP, targets_N[r0:r1], mask_N[r0:r1], vocab_size, label_smoothing,
+                                    z_loss, need_grad)
             del logits_CP
-            ls, ns, g_CV = chunk_fn(logits_CV, targets_N[r0:r1], mask_N[r0:r1], label_smoothing, z_loss,
-                                    need_grad)
             loss_sum += ls
             nll_sum += ns
             if need_grad:
-                # the gradient over the padded vocabulary (zero in the padding columns): a row stride of P, a
-                # multiple of 128, keeps both products on the aligned tensor-core kernels (a stride of V =
-                # 33,708 made cuBLAS fall back to 2-byte-aligned kernels 3x slower on an H200)
-                g_CP = torch.zeros(r1 - r0, wc.shape[0], dtype=compute_dtype, device=g_CV.device)
-                g_CP[:, :vocab_size] = g_CV
                 if need_h:
                     grad_h[r0:r1] = g_CP @ wc
                 if need_w:
                     grad_w += g_CP.t() @ hc[r0:r1]
-            del logits_CV, g_CV
+            del g_CP
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.has = (need_h, need_w)
         ctx.w_dtype = w_PD.dtype

@@ -46,6 +46,21 @@ def _on_device(values: list, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
+def factored_update(g, row_var, col_var, eps1: float):
+    """Adafactor's update of one matrix (or stack of matrices) before clipping, and its L2 norm (float32).
+
+    ``g``: [..., R, C] the gradient; ``row_var`` [..., R, 1] and ``col_var`` [..., 1, C]: the factored second
+    moments (already updated this step); ``eps1``: the floor of the row means and (squared) of the
+    estimate. update = g / sqrt(max(row_var * col_var / mean(row_var), eps1^2)), as torch.optim.Adafactor
+    computes it (Shazeer and Stern 2018, algorithm 4), written as one broadcast expression so that
+    ``torch.compile`` makes it one pass over the gradient (torch's step materialises the estimate, then
+    divides, clamps, takes the root and multiplies: five passes).
+    """
+    row_mean = row_var.mean(dim=-2, keepdim=True).clamp_min(eps1)
+    u = g * (row_var * col_var / row_mean).clamp_min(eps1 * eps1).rsqrt()
+    return u, torch.linalg.vector_norm(u)
+
+
 class Adafactor(torch.optim.Adafactor):
     """``torch.optim.Adafactor`` (same hyper-parameters, state and update) whose ``foreach=True`` step never
     waits for the device.
@@ -59,7 +74,12 @@ class Adafactor(torch.optim.Adafactor):
     so the decay rate and the relative step cap are host numbers as in torch. ``foreach=False`` is torch's
     own per-parameter loop. Equal to torch's update within float32 rounding (tests/test_step.py).
     Raises RuntimeError for sparse or complex gradients, as torch's does.
+
+    ``update_fn``: the per-matrix :func:`factored_update` to call (the training step sets a
+    ``torch.compile``-d one on CUDA: one fused pass per matrix instead of five).
     """
+
+    update_fn = staticmethod(factored_update)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -105,7 +125,8 @@ class Adafactor(torch.optim.Adafactor):
         alpha = (torch.stack(torch._foreach_norm(params)).float() / root_n).clamp_min(eps2) * rho
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
-        updates = [None] * len(params)
+        updates, norms = [None] * len(params), [None] * len(params)
+        e1 = eps1 if eps1 is not None else torch.finfo(params[0].dtype).eps
         mats = [i for i, p in enumerate(params) if p.dim() > 1]
         vecs = [i for i, p in enumerate(params) if p.dim() <= 1]
         if mats:
@@ -120,24 +141,19 @@ class Adafactor(torch.optim.Adafactor):
             torch._foreach_mul_(col_sq, col_sq)
             torch._foreach_div_(col_sq, [x.size(-2) for x in g])
             torch._foreach_lerp_(cols, col_sq, [decay[i] for i in mats])
-            est = [r @ c for r, c in zip(rows, cols)]
-            row_means = [r.mean(dim=-2, keepdim=True) for r in rows]
-            torch._foreach_clamp_min_(row_means, eps1 if eps1 is not None else torch.finfo(g[0].dtype).eps)
-            torch._foreach_div_(est, row_means)
-            for i, e in zip(mats, est):
-                updates[i] = e
+            for i, gi, r, c in zip(mats, g, rows, cols):
+                updates[i], norms[i] = self.update_fn(gi, r, c, e1)
         if vecs:
             g = [grads[i] for i in vecs]
             var = [states[i]["variance"] for i in vecs]
             torch._foreach_lerp_(var, torch._foreach_mul(g, g), [decay[i] for i in vecs])
-            for i, v in zip(vecs, var):
-                updates[i] = v.clone()
-        e1 = eps1 if eps1 is not None else torch.finfo(params[0].dtype).eps
-        torch._foreach_clamp_min_(updates, e1 * e1)
-        torch._foreach_rsqrt_(updates)
-        torch._foreach_mul_(updates, grads)
+            u = torch._foreach_clamp_min([v for v in var], e1 * e1)
+            torch._foreach_rsqrt_(u)
+            torch._foreach_mul_(u, g)
+            for i, ui, n in zip(vecs, u, torch._foreach_norm(u)):
+                updates[i], norms[i] = ui, n
         # update clipping: divide by max(1, RMS(update) / d)
-        clip = (torch.stack(torch._foreach_norm(updates)).float() / (root_n * d)).clamp_min(1.0)
+        clip = (torch.stack(norms).float() / (root_n * d)).clamp_min(1.0)
         torch._foreach_mul_(updates, list((-alpha / clip).unbind(0)))
         torch._foreach_add_(params, updates)
 

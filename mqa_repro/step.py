@@ -18,7 +18,8 @@ stop-signal vote) are all-reduced as ONE tensor and copied to pinned host memory
 (the NaN check and the log read one step late).
 
 Switches (:class:`StepOptions`, each ``None`` = auto for the device): ``torch.compile`` of the model's
-forward and of the loss's per-chunk kernel (CUDA only by default), the fused / foreach optimizer (CUDA only
+forward, of the loss's per-chunk kernel and of the foreach Adafactor's per-matrix update (CUDA only by
+default), the fused / foreach optimizer (CUDA only
 by default: the CPU keeps torch's plain loop, so CPU runs stay bitwise what they were), padding of the
 length dimensions to a multiple (when compiling) so that the compiled graph sees few shapes.
 """
@@ -34,7 +35,7 @@ import torch
 from . import roofline as rl
 from .loss import chunk_loss_and_grad, linear_cross_entropy
 from .model import PAD, Transformer
-from .optim import set_implementation
+from .optim import Adafactor, factored_update, set_implementation
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,8 @@ class TrainStep:
         if self.opts.compile:
             self.forward = torch.compile(self.wrapped, backend=self.opts.compile_backend)
             self.chunk_fn = torch.compile(chunk_loss_and_grad, backend=self.opts.compile_backend)
+            if self.opts.fused_optimizer and isinstance(optimizer, Adafactor):   # one pass per matrix
+                optimizer.update_fn = torch.compile(factored_update, backend=self.opts.compile_backend)
         self.compute_dtype = torch.bfloat16 if self.device.type == "cuda" else None
 
     # -- data ----------------------------------------------------------------------------------------

@@ -296,6 +296,10 @@ def run(target, input: str = "-", output: str = "-", *, command: str = "translat
     kind = {"translate": "encoder-decoder", "generate": "decoder-only"}[command]
     rank, world = _dist()
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        from .decode.kernels import start_triton_warm_up
+
+        start_triton_warm_up()   # Triton's start-up, behind reading the input and loading the checkpoint
     dist_state = init_distributed(dev)
     try:
         if world > 1:

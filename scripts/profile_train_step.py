@@ -26,6 +26,7 @@ ap.add_argument("--rows", type=int, default=40)
 ap.add_argument("--micro-tokens", type=int, default=None, help="override training.micro_batch_tokens")
 ap.add_argument("--sdpa", default="auto", choices=["auto", "cudnn", "efficient", "flash", "math"])
 ap.add_argument("--no-masks", action="store_true", help="timing bound: attention without masks")
+ap.add_argument("--chunk-rows", type=int, default=None, help="rows per loss chunk (default: loss.chunk_rows_for)")
 args = ap.parse_args()
 if args.sdpa != "auto":
     for name in ("cudnn", "efficient", "flash", "math"):
@@ -43,7 +44,7 @@ seq = min(v.data.max_len, v.model.max_positions)
 rows = 32768 // seq
 model = build_model(v, dev, "bf16", train=True).train()
 step = TrainStep(model, build_optimizer(model, v.training), v.training, dev,
-                 options=StepOptions(compile=args.compile))
+                 options=StepOptions(compile=args.compile, loss_chunk_rows=args.chunk_rows))
 src = random_tokens(rows, seq, v.model.vocab_size, "cpu", 1)
 tgt = random_tokens(rows, seq + 1, v.model.vocab_size, "cpu", 2)
 tgt[:, 0] = BOS
@@ -68,7 +69,8 @@ b.record()
 b.synchronize()
 ms = a.elapsed_time(b) / args.steps
 print(f"{args.variant}: step {ms:.1f} ms ({rows * seq / ms * 1e3:,.0f} target tokens/s), compile={args.compile}, "
-      f"micro-batches {len(host)}, sdpa {args.sdpa}, masks {not args.no_masks}", flush=True)
+      f"micro-batches {len(host)}, sdpa {args.sdpa}, masks {not args.no_masks}, loss chunk rows "
+      f"{args.chunk_rows or 'auto'}", flush=True)
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
     for i in range(args.steps):
         one(20 + i)

@@ -63,3 +63,23 @@ def test_no_grad_and_chunk_size():
     torch.testing.assert_close(loss, ref_loss)
     assert chunk_rows_for(33792) % 8 == 0 and chunk_rows_for(33792) * 33792 <= 1 << 26
     assert chunk_rows_for(10 ** 9) == 8
+
+
+def test_bf16_products_are_upcast_per_chunk_and_the_padding_gets_no_gradient():
+    """As on a GPU: the unembedding products in bf16, each chunk's logits upcast to float32 for the loss."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(40, 16, generator=g).requires_grad_()
+    w = torch.randn(24, 16, generator=g).requires_grad_()
+    targets = torch.randint(4, 20, (40,), generator=g)
+    targets[-6:] = PAD
+    loss, nll = linear_cross_entropy(h, w, targets, targets != PAD, 20, 0.1, 1e-4, chunk_rows=16,
+                                     compute_dtype=torch.bfloat16)
+    loss.backward()
+    hr, wr = h.detach().bfloat16().float().requires_grad_(), w.detach().bfloat16().float().requires_grad_()
+    ref_loss, ref_nll = reference(hr, wr, targets, 20, 0.1, 1e-4)
+    ref_loss.backward()
+    assert loss.dtype == nll.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(h.grad, hr.grad, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=5e-2, atol=5e-2)
+    assert torch.all(w.grad[20:] == 0)

@@ -153,3 +153,30 @@ def test_options_resolve_per_device():
     assert (cpu.compile, cpu.fused_optimizer, cpu.pad_multiple, cpu.pin_memory) == (False, False, 1, False)
     on = StepOptions(compile=True).resolved(torch.device("cpu"))
     assert on.pad_multiple == 64 and not on.pin_memory
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_compiled_loss_chunk_and_adafactor_update_equal_eager_on_cuda():
+    """What the training step compiles on CUDA (the loss chunk in bf16, Adafactor's per-matrix update)
+    computes what the eager functions compute."""
+    from mqa_repro.loss import chunk_loss_and_grad
+    from mqa_repro.optim import factored_update
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(96, 256, generator=g, device="cuda") * 3).bfloat16()
+    targets = torch.randint(4, 200, (96,), generator=g, device="cuda")
+    targets[-9:] = 0
+    fn = torch.compile(chunk_loss_and_grad)
+    want = chunk_loss_and_grad(logits.clone(), targets, targets != 0, 200, 0.1, 1e-4, True)
+    got = fn(logits.clone(), targets, targets != 0, 200, 0.1, 1e-4, True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert got[2].dtype == torch.bfloat16 and got[2].shape == (96, 256) and bool((got[2][:, 200:] == 0).all())
+    torch.testing.assert_close(got[2].float(), want[2].float(), rtol=1e-2, atol=1e-4)
+    update = torch.compile(factored_update)
+    for shape in [(256, 64), (64, 256), (3, 32, 16)]:
+        grad = torch.randn(shape, generator=g, device="cuda")
+        rows = grad.square().mean(-1, keepdim=True)
+        cols = grad.square().mean(-2, keepdim=True)
+        for a, b in zip(update(grad, rows, cols, 1e-30), factored_update(grad, rows, cols, 1e-30)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

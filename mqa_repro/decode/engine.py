@@ -470,10 +470,15 @@ class Engine:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._dynamic_step(w)
+            # CUDAGraph's own capture calls rather than the torch.cuda.graph context, which empties the
+            # allocator's cache before every capture (the next shape's warm-up then allocates afresh)
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin()
+            try:
+                self._dynamic_step(w)
+            finally:
+                graph.capture_end()
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._dynamic_step(w)
         for k, v in saved.items():
             getattr(w.search, k).copy_(v)
         if anc is not None:
