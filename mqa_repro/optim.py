@@ -61,6 +61,13 @@ def factored_update(g, row_var, col_var, eps1: float):
     return u, torch.linalg.vector_norm(u)
 
 
+def factored_updates(grads: list, row_vars: list, col_vars: list, eps1: float) -> tuple:
+    """:func:`factored_update` of every matrix: (updates, norms). One call for all of them, so that the
+    ``torch.compile``-d version is one graph (one guard check a step, not one per matrix)."""
+    out = [factored_update(g, r, c, eps1) for g, r, c in zip(grads, row_vars, col_vars)]
+    return [u for u, _ in out], [n for _, n in out]
+
+
 class Adafactor(torch.optim.Adafactor):
     """``torch.optim.Adafactor`` (same hyper-parameters, state and update) whose ``foreach=True`` step never
     waits for the device.
@@ -75,11 +82,11 @@ class Adafactor(torch.optim.Adafactor):
     own per-parameter loop. Equal to torch's update within float32 rounding (tests/test_step.py).
     Raises RuntimeError for sparse or complex gradients, as torch's does.
 
-    ``update_fn``: the per-matrix :func:`factored_update` to call (the training step sets a
+    ``update_fn``: :func:`factored_updates`, the matrices' updates (the training step sets a
     ``torch.compile``-d one on CUDA: one fused pass per matrix instead of five).
     """
 
-    update_fn = staticmethod(factored_update)
+    update_fn = staticmethod(factored_updates)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -141,8 +148,8 @@ class Adafactor(torch.optim.Adafactor):
             torch._foreach_mul_(col_sq, col_sq)
             torch._foreach_div_(col_sq, [x.size(-2) for x in g])
             torch._foreach_lerp_(cols, col_sq, [decay[i] for i in mats])
-            for i, gi, r, c in zip(mats, g, rows, cols):
-                updates[i], norms[i] = self.update_fn(gi, r, c, e1)
+            for i, u, n in zip(mats, *self.update_fn(g, rows, cols, e1)):
+                updates[i], norms[i] = u, n
         if vecs:
             g = [grads[i] for i in vecs]
             var = [states[i]["variance"] for i in vecs]

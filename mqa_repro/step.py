@@ -35,7 +35,7 @@ import torch
 from . import roofline as rl
 from .loss import chunk_loss_and_grad, linear_cross_entropy
 from .model import PAD, Transformer
-from .optim import Adafactor, factored_update, set_implementation
+from .optim import Adafactor, factored_updates, set_implementation
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class TrainStep:
             self.forward = torch.compile(self.wrapped, backend=self.opts.compile_backend)
             self.chunk_fn = torch.compile(chunk_loss_and_grad, backend=self.opts.compile_backend)
             if self.opts.fused_optimizer and isinstance(optimizer, Adafactor):   # one pass per matrix
-                optimizer.update_fn = torch.compile(factored_update, backend=self.opts.compile_backend)
+                optimizer.update_fn = torch.compile(factored_updates, backend=self.opts.compile_backend)
         self.compute_dtype = torch.bfloat16 if self.device.type == "cuda" else None
 
     # -- data ----------------------------------------------------------------------------------------

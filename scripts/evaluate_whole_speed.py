@@ -4,11 +4,12 @@ Every process runs ``mqa_repro.evaluate.evaluate_run`` on RUN_DIR (dev perplexit
 and beam of the spec) and times each of its decodes (synchronised); everything a fresh process pays is in
 those times: Triton's start-up, kernel loads, CUDA graph captures. The eager reference path is the same
 process with the decoding swapped for ``scripts/evaluate_speed.reference_translate`` (decode.py at 2a7094f).
-Both decode in float32 (TF32 products on CUDA, as `evaluate` sets). With ``--cold`` a first engine process
-runs with an empty Triton cache (every kernel compiled: what the very first `evaluate` on a machine pays),
-reported apart; the medians are over ``--repeats`` processes per path with the machine's Triton cache warm.
+Both decode in float32 (TF32 products on CUDA, as `evaluate` sets). Every process uses one Triton cache
+folder of its own (``TRITON_CACHE_DIR``, empty at the start): a first engine process fills it (every kernel
+compiled: what the very first `evaluate` on a machine pays), reported apart as the cold run; the medians are
+over ``--repeats`` processes per path after it, with that cache warm.
 
-    python3 scripts/evaluate_whole_speed.py RUN_DIR --repeats 3 --cold --out FILE.json
+    python3 scripts/evaluate_whole_speed.py RUN_DIR --repeats 3 --out FILE.json
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def run_child(run_dir: Path, path: str, device: str, env_extra: dict) -> dict:
     if res.returncode:
         sys.exit(f"the {path} process failed:\n{res.stderr[-3000:]}")
     doc = json.loads(res.stdout.strip().splitlines()[-1])
-    print(f"{path}{' (cold Triton cache)' if env_extra else ''}: decodes "
+    print(f"{path}: decodes "
           f"{[round(d['seconds'], 3) for d in doc['decodes']]} = {doc['decode_s']:.3f} s; process "
           f"{doc['process_s']:.1f} s", flush=True)
     return doc
@@ -80,7 +81,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cold", action="store_true", help="first, one engine process with an empty Triton cache")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--child", choices=["engine", "eager"], help=argparse.SUPPRESS)
@@ -89,14 +89,13 @@ def main() -> None:
         return child(str(a.run_dir), a.child, a.device)
     if a.out is None:
         ap.error("--out is required")
-    cold = None
-    if a.cold:
-        with tempfile.TemporaryDirectory() as d:
-            cold = run_child(a.run_dir, "engine", a.device, {"TRITON_CACHE_DIR": d})
     runs = {p: [] for p in ("engine", "eager")}
-    for _ in range(a.repeats):       # interleaved: both paths see the same machine state
-        for p in runs:
-            runs[p].append(run_child(a.run_dir, p, a.device, {}))
+    with tempfile.TemporaryDirectory() as cache:
+        env = {"TRITON_CACHE_DIR": cache}
+        cold = run_child(a.run_dir, "engine", a.device, env)    # compiles every kernel into the empty cache
+        for _ in range(a.repeats):       # interleaved: both paths see the same machine state
+            for p in runs:
+                runs[p].append(run_child(a.run_dir, p, a.device, env))
     med = {p: statistics.median(r["decode_s"] for r in rs) for p, rs in runs.items()}
     bleu = {p: [d["bleu"] for d in rs[0]["decodes"]] for p, rs in runs.items()}
     import torch
@@ -111,7 +110,7 @@ def main() -> None:
            "what": "decoding seconds of one `evaluate` (dev beam 1, every test split and beam) per fresh process",
            "repeats": a.repeats, "engine_median_s": med["engine"], "eager_median_s": med["eager"],
            "speedup": med["eager"] / med["engine"],
-           "engine_cold_triton_cache": cold, "speedup_cold": (med["eager"] / cold["decode_s"]) if cold else None,
+           "engine_cold_triton_cache": cold, "speedup_cold": med["eager"] / cold["decode_s"],
            "bleu_engine": bleu["engine"], "bleu_eager": bleu["eager"],
            "bleu_max_abs_diff": max(abs(x - y) for x, y in zip(bleu["engine"], bleu["eager"])),
            "runs": runs, **manifest(variant, ck.get("seed"), torch.device(a.device),
@@ -119,7 +118,7 @@ def main() -> None:
     write_json_atomic(a.out, doc)
     print(f"engine {med['engine']:.3f} s, eager {med['eager']:.3f} s per evaluate's decodes (median of "
           f"{a.repeats} processes): {doc['speedup']:.1f}x"
-          + (f"; cold Triton cache {cold['decode_s']:.3f} s ({doc['speedup_cold']:.1f}x)" if cold else "")
+          + f"; the first engine process, its Triton cache empty: {cold['decode_s']:.3f} s ({doc['speedup_cold']:.1f}x)"
           + f"; BLEU differs by at most {doc['bleu_max_abs_diff']:.2f}")
 
 
