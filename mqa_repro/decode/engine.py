@@ -77,7 +77,7 @@ def compaction_pays(steps_left: int, step_s: Optional[float], capture_s: Optiona
     """Whether moving a batch's unfinished sentences (at most half its rows) into a NEW workspace pays on a GPU:
     at most half of each remaining step's time can be saved (``steps_left`` steps of ``step_s`` seconds,
     measured between the last two checks), against the new workspace's CUDA graph capture (``capture_s``, the
-    engine's mean so far). Unknown times: no. A model whose step is bound by the host (a few hundred µs of
+    engine's quickest so far: its first captures also compile kernels). Unknown times: no. A model whose step is bound by the host (a few hundred µs of
     graph replay at any row count) never pays; the paper-size model at hundreds of sentences does."""
     if step_s is None or capture_s is None:
         return False
@@ -109,7 +109,7 @@ class Engine:
         self.timing = False
         self.steps_run = 0            # decoder steps run (all batches), for the benchmark
         self._work: dict = {}
-        self._captures = [0, 0.0]     # CUDA graphs captured, their seconds (compaction_pays)
+        self._capture_s: Optional[float] = None   # the quickest CUDA graph capture so far (compaction_pays)
         if self.device.type == "cuda" and use_triton is not False:
             start_triton_warm_up()    # hidden behind whatever the caller does before the first decode
 
@@ -328,8 +328,7 @@ class Engine:
         when :func:`compaction_pays`."""
         if not self.graphs or bucket(live, 1) in w.children:
             return True
-        n, seconds = self._captures
-        return compaction_pays(steps_left, step_s, seconds / n if n else None)
+        return compaction_pays(steps_left, step_s, self._capture_s)
 
     def _compact(self, w: _Work, live: np.ndarray, beam: int, steps: int, alpha: float, eos: bool) -> _Work:
         """Carry on with sentence slots ``live`` of ``w`` (a batch at least half done) in a workspace of
@@ -457,7 +456,7 @@ class Engine:
 
     def _capture(self, w: _Work):
         """One CUDA graph of :meth:`_dynamic_step` on ``w``'s tensors; the warm-up step (kernel compilation,
-        tuning) runs on a copy of the state, which is then restored. Its seconds count in ``_captures``."""
+        tuning) runs on a copy of the state, which is then restored. Its seconds count in ``_capture_s``."""
         t_start = time.perf_counter()
         saved = {k: v.clone() for k, v in vars(w.search).items() if torch.is_tensor(v)}
         anc = [a.clone() for a in w.cache.anc] if w.cache.anc is not None else None
@@ -489,8 +488,8 @@ class Engine:
                 a.copy_(b)
         w.t_1.copy_(t0)
         torch.cuda.synchronize(self.device)
-        self._captures[0] += 1
-        self._captures[1] += time.perf_counter() - t_start
+        took = time.perf_counter() - t_start
+        self._capture_s = took if self._capture_s is None else min(self._capture_s, took)
         return graph
 
 
