@@ -76,8 +76,9 @@ class _Work:
 def compaction_pays(steps_left: int, step_s: Optional[float], capture_s: Optional[float]) -> bool:
     """Whether moving a batch's unfinished sentences (at most half its rows) into a NEW workspace pays on a GPU:
     at most half of each remaining step's time can be saved (``steps_left`` steps of ``step_s`` seconds,
-    measured between the last two checks), against the new workspace's CUDA graph capture (``capture_s``, the
-    engine's quickest so far: its first captures also compile kernels). Unknown times: no. A model whose step is bound by the host (a few hundred µs of
+    measured between the last two checks), against the new workspace's CUDA graph capture (``capture_s``: the
+    engine's quickest capture so far, counted twice for the eager warm-up step before it, which launches the
+    same kernels; kernel compilation, paid once per shape family, is left out). Unknown times: no. A model whose step is bound by the host (a few hundred µs of
     graph replay at any row count) never pays; the paper-size model at hundreds of sentences does."""
     if step_s is None or capture_s is None:
         return False
@@ -456,14 +457,14 @@ class Engine:
 
     def _capture(self, w: _Work):
         """One CUDA graph of :meth:`_dynamic_step` on ``w``'s tensors; the warm-up step (kernel compilation,
-        tuning) runs on a copy of the state, which is then restored. Its seconds count in ``_capture_s``."""
-        t_start = time.perf_counter()
+        tuning) runs on a copy of the state, which is then restored. Twice the capture's own seconds (it and
+        a warm-up step) count in ``_capture_s``."""
         saved = {k: v.clone() for k, v in vars(w.search).items() if torch.is_tensor(v)}
         anc = [a.clone() for a in w.cache.anc] if w.cache.anc is not None else None
         t0 = w.t_1.clone()
-        # mid-decode (a compacted batch): the warm-up steps write positions t and t + 1, which in a ring buffer
-        # (local attention) overwrite positions the next real step still reads; elsewhere they are rewritten
-        # before they are read
+        # mid-decode (a compacted batch): the warm-up step writes position t, which in a ring buffer (local
+        # attention) overwrites a position the next real step still reads; elsewhere it is rewritten before it
+        # is read
         slabs = ([x.clone() for x in w.cache.self_TNGC] if w.cache.window is not None and bool(t0 > 0) else None)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -472,11 +473,13 @@ class Engine:
             # CUDAGraph's own capture calls rather than the torch.cuda.graph context, which empties the
             # allocator's cache before every capture (the next shape's warm-up then allocates afresh)
             graph = torch.cuda.CUDAGraph()
+            t_start = time.perf_counter()
             graph.capture_begin()
             try:
                 self._dynamic_step(w)
             finally:
                 graph.capture_end()
+            took = 2 * (time.perf_counter() - t_start)
         torch.cuda.current_stream().wait_stream(side)
         for k, v in saved.items():
             getattr(w.search, k).copy_(v)
@@ -488,7 +491,6 @@ class Engine:
                 a.copy_(b)
         w.t_1.copy_(t0)
         torch.cuda.synchronize(self.device)
-        took = time.perf_counter() - t_start
         self._capture_s = took if self._capture_s is None else min(self._capture_s, took)
         return graph
 
