@@ -249,8 +249,8 @@ def ceilings_key(device, dtype: str) -> str:
 def ceilings(device, dtype: str = "bf16", path: Optional[Path] = None, refresh: bool = False,
              log=None) -> Ceilings:
     """Cached ceilings for (device name, torch version, dtype; CPU threads): :func:`ceilings_key`; measured on
-    the first call, or when ``refresh``. ``log`` gets one line naming the cache file and the measurement's date when a cached
-    measurement is used."""
+    the first call, or when ``refresh``. ``log`` gets one line naming the cache file and the measurement's
+    date when a cached measurement is used."""
     from .provenance import write_json_atomic
 
     path = Path(path) if path else cache_path()

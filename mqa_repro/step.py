@@ -18,10 +18,10 @@ stop-signal vote) are all-reduced as ONE tensor and copied to pinned host memory
 (the NaN check and the log read one step late).
 
 Switches (:class:`StepOptions`, each ``None`` = auto for the device): ``torch.compile`` of the model's
-forward, of the loss's per-chunk kernel and of the foreach Adafactor's per-matrix update (CUDA only by
-default), the fused / foreach optimizer (CUDA only
-by default: the CPU keeps torch's plain loop, so CPU runs stay bitwise what they were), padding of the
-length dimensions to a multiple (when compiling) so that the compiled graph sees few shapes.
+forward, of the loss's per-chunk kernel and of the foreach Adafactor's matrix updates (CUDA only by
+default), the fused / foreach optimizer (CUDA only by default: the CPU keeps torch's plain loop, so CPU runs
+stay bitwise what they were), padding of the length dimensions to a multiple (when compiling) so that the
+compiled graph sees few shapes.
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ class TrainStep:
         if self.opts.compile:
             self.forward = torch.compile(self.wrapped, backend=self.opts.compile_backend)
             self.chunk_fn = torch.compile(chunk_loss_and_grad, backend=self.opts.compile_backend)
-            if self.opts.fused_optimizer and isinstance(optimizer, Adafactor):   # one pass per matrix
+            if self.opts.fused_optimizer and isinstance(optimizer, Adafactor):   # one graph, a pass per matrix
                 optimizer.update_fn = torch.compile(factored_updates, backend=self.opts.compile_backend)
         self.compute_dtype = torch.bfloat16 if self.device.type == "cuda" else None
 

@@ -57,6 +57,25 @@ class DecodeCache:
         c.src_len_B = parent.src_len_B[:batch] if parent.src_len_B is not None else None
         return c
 
+    def move_to_front(self, sel_B: torch.Tensor, sel_N: torch.Tensor, shift_B: torch.Tensor, rows: int) -> None:
+        """Move sentences ``sel_B`` (their rows ``sel_N``, beams adjacent) to the front of this cache in place,
+        for :meth:`first_rows` of ``rows`` sentences to carry on with: their self-attention K/V, ancestor table
+        (entries renumbered by ``shift_B``, old row - new row per sentence) and encoder-decoder K/V; the spare rows' ancestors
+        are their own rows and the spare sentences' sources one token long."""
+        m, mk = len(sel_B), len(sel_N)
+        for x in self.self_TNGC:                # index_select copies first: moving rows forward in place is safe
+            x[:, :mk] = x.index_select(1, sel_N)
+        if self.anc is not None:
+            shift_N = shift_B.repeat_interleave(self.beam)
+            for a in self.anc:
+                a[:, :mk] = a.index_select(1, sel_N) - shift_N.to(a.dtype)
+                a[:, mk:rows * self.beam] = self.arange_N[mk:rows * self.beam]
+        if self.cross_BSGC is not None:
+            for x in self.cross_BSGC:
+                x[:m] = x.index_select(0, sel_B)
+            self.src_len_B[:m] = self.src_len_B.index_select(0, sel_B)
+            self.src_len_B[m:rows] = 1
+
     @property
     def slots(self) -> int:
         return self.self_TNGC[0].shape[0]

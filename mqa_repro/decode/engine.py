@@ -78,8 +78,9 @@ def compaction_pays(steps_left: int, step_s: Optional[float], capture_s: Optiona
     at most half of each remaining step's time can be saved (``steps_left`` steps of ``step_s`` seconds,
     measured between the last two checks), against the new workspace's CUDA graph capture (``capture_s``: the
     engine's quickest capture so far, counted twice for the eager warm-up step before it, which launches the
-    same kernels; kernel compilation, paid once per shape family, is left out). Unknown times: no. A model whose step is bound by the host (a few hundred µs of
-    graph replay at any row count) never pays; the paper-size model at hundreds of sentences does."""
+    same kernels; kernel compilation, paid once per shape family, is left out). Unknown times: no. A model
+    whose step is bound by the host (a few hundred µs of graph replay at any row count) never pays; the
+    paper-size model at hundreds of sentences does."""
     if step_s is None or capture_s is None:
         return False
     return steps_left * step_s / 2 > capture_s
@@ -342,51 +343,17 @@ class Engine:
         rows = bucket(m, 1) if self.graphs else m
         sel_B = torch.from_numpy(live).to(dev)
         sel_N = (sel_B[:, None] * k + torch.arange(k, device=dev)).view(-1)
-        mk = m * k
         shift_B = sel_B * k - torch.arange(m, device=dev) * k       # old row - new row, per sentence
-        shift_N = shift_B.repeat_interleave(k)
-        c = w.cache
-        for x in c.self_TNGC:                   # index_select copies first: moving rows forward in place is safe
-            x[:, :mk] = x.index_select(1, sel_N)
-        if c.anc is not None:
-            for a in c.anc:
-                a[:, :mk] = a.index_select(1, sel_N) - shift_N.to(a.dtype)
-                a[:, mk:rows * k] = c.arange_N[mk:rows * k]
-        if c.cross_BSGC is not None:
-            for x in c.cross_BSGC:
-                x[:m] = x.index_select(0, sel_B)
-            c.src_len_B[:m] = c.src_len_B.index_select(0, sel_B)
-            c.src_len_B[m:rows] = 1
+        w.cache.move_to_front(sel_B, sel_N, shift_B, rows)
         w2 = w.children.get(rows)
         if w2 is None:
-            w2 = self._new_work(DecodeCache.first_rows(c, rows), rows, beam, steps, w.pos_max, alpha, eos)
+            w2 = self._new_work(DecodeCache.first_rows(w.cache, rows), rows, beam, steps, w.pos_max, alpha, eos)
             if self.graphs:
                 w.children[rows] = w2
         w2.offset_N.zero_()
-        w2.offset_N[:mk] = w.offset_N.index_select(0, sel_N)
+        w2.offset_N[:m * k] = w.offset_N.index_select(0, sel_N)
         w2.t_1.copy_(w.t_1)
-        s, s2 = w.search, w2.search
-        s2.tok_N.fill_(PAD)
-        s2.tok_N[:mk] = s.tok_N.index_select(0, sel_N)
-        if isinstance(s, Beam):
-            s2.reset(s2.tok_N)                    # spare sentences: no hypotheses, done below
-            s2.limit_B.fill_(1)
-            s2.limit_B[:m] = s.limit_B.index_select(0, sel_B)
-            s2.scores_BK[:m] = s.scores_BK.index_select(0, sel_B)
-            s2.hist_TN[:, :mk] = s.hist_TN.index_select(1, sel_N)
-            s2.parent_TN[:, :mk] = s.parent_TN.index_select(1, sel_N) - shift_N
-            s2.parent_N[:mk] = s.parent_N.index_select(0, sel_N) - shift_N
-            for name in ("fin_scores_BK", "fin_step_BK", "fin_tok_BK", "fin_count_B", "done_B"):
-                getattr(s2, name)[:m] = getattr(s, name).index_select(0, sel_B)
-            s2.fin_row_BK[:m] = s.fin_row_BK.index_select(0, sel_B) - shift_B[:, None]
-            s2.done_B[m:] = True
-        else:
-            s2.limit_N.fill_(1)
-            s2.limit_N[:m] = s.limit_N.index_select(0, sel_B)
-            s2.out_TN.fill_(PAD)
-            s2.out_TN[:, :m] = s.out_TN.index_select(1, sel_B)
-            s2.done_N.fill_(True)
-            s2.done_N[:m] = s.done_N.index_select(0, sel_B)
+        w2.search.take(w.search, sel_B, sel_N, shift_B)
         if self.graphs and w2.graph is None:
             w2.graph = self._capture(w2)
         return w2

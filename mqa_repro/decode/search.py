@@ -95,6 +95,19 @@ class Greedy:
         if self.limit_N is not None:
             self.done_N |= (t + 1) >= self.limit_N
 
+    def take(self, src: "Greedy", sel_B: torch.Tensor, sel_N: torch.Tensor, shift_B: torch.Tensor) -> None:
+        """Carry on with rows ``sel_B`` of ``src`` (a batch being compacted) as this search's first rows; the
+        spare rows are done. (``sel_N`` = ``sel_B`` and ``shift_B``, for a beam's renumbering, are unused.)"""
+        m = len(sel_B)
+        self.tok_N.fill_(PAD)
+        self.tok_N[:m] = src.tok_N.index_select(0, sel_B)
+        self.limit_N.fill_(1)
+        self.limit_N[:m] = src.limit_N.index_select(0, sel_B)
+        self.out_TN.fill_(PAD)
+        self.out_TN[:, :m] = src.out_TN.index_select(1, sel_B)
+        self.done_N.fill_(True)
+        self.done_N[:m] = src.done_N.index_select(0, sel_B)
+
     def results(self, rows: Optional[Sequence[int]] = None) -> list:
         """Per row (those of ``rows``, default all): the emitted ids up to EOS (exclusive) or the limit."""
         out_NT = self.out_TN.t()
@@ -199,6 +212,26 @@ class Beam:
         self.fin_scores_BK.copy_(all_scores.gather(1, keep))
         self.fin_count_B += finish.sum(1)
         self.done_B |= (self.fin_count_B >= k) | last_B
+
+    def take(self, src: "Beam", sel_B: torch.Tensor, sel_N: torch.Tensor, shift_B: torch.Tensor) -> None:
+        """Carry on with sentences ``sel_B`` (hypothesis rows ``sel_N``) of ``src`` (a batch being compacted) as
+        this search's first sentences: rows inside the history, the parents and the finished hypotheses are
+        renumbered by ``shift_B`` (old row - new row, per sentence); the spare sentences are done."""
+        m, mk = len(sel_B), len(sel_N)
+        shift_N = shift_B.repeat_interleave(self.k)
+        self.tok_N.fill_(PAD)
+        self.tok_N[:mk] = src.tok_N.index_select(0, sel_N)
+        self.reset(self.tok_N)                      # spare sentences: no hypotheses, done below
+        self.limit_B.fill_(1)
+        self.limit_B[:m] = src.limit_B.index_select(0, sel_B)
+        self.scores_BK[:m] = src.scores_BK.index_select(0, sel_B)
+        self.hist_TN[:, :mk] = src.hist_TN.index_select(1, sel_N)
+        self.parent_TN[:, :mk] = src.parent_TN.index_select(1, sel_N) - shift_N
+        self.parent_N[:mk] = src.parent_N.index_select(0, sel_N) - shift_N
+        for name in ("fin_scores_BK", "fin_step_BK", "fin_tok_BK", "fin_count_B", "done_B"):
+            getattr(self, name)[:m] = getattr(src, name).index_select(0, sel_B)
+        self.fin_row_BK[:m] = src.fin_row_BK.index_select(0, sel_B) - shift_B[:, None]
+        self.done_B[m:] = True
 
     def results(self, rows: Optional[Sequence[int]] = None) -> list:
         """Per sentence (those of ``rows``, default all): the best finished hypothesis' ids without its EOS."""
