@@ -96,21 +96,6 @@ def chunk_rows_for(padded_vocab: int, chunk_elements: int = CHUNK_ELEMENTS) -> i
     return rows - rows % 8
 
 
-def _accumulate_matmul(acc, a, b):
-    """acc + a @ b in float32 (``acc`` None: a @ b), for low-precision ``a`` and ``b``.
-
-    On CUDA the sum is the matmul's own epilogue (``torch.addmm`` with ``out_dtype=float32``: products
-    accumulated and added to ``acc`` in float32, one kernel), instead of a low-precision product then a
-    separate float32 add over the whole [P, D] matrix for every chunk. Elsewhere: the product upcast and
-    added."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        if acc is None:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        return torch.addmm(acc, a, b, out_dtype=torch.float32)
-    prod = (a @ b).float()
-    return prod if acc is None else acc.add_(prod)
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_t mask_t * loss_t over logits h @ W^T computed chunk by chunk; gradients made in the forward."""
 
@@ -125,7 +110,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
         nll_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
         grad_h = torch.empty_like(h_ND) if need_h else None
-        grad_w = None
+        grad_w = torch.zeros(w_PD.shape, dtype=torch.float32, device=w_PD.device) if need_w else None
         for r0 in range(0, n, chunk_rows):
             r1 = min(n, r0 + chunk_rows)
             logits_CP = hc[r0:r1] @ wc.t()                                   # [C, P] compute dtype
@@ -138,10 +123,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[r0:r1] = g_CP @ wc
                 if need_w:
-                    grad_w = _accumulate_matmul(grad_w, g_CP.t(), hc[r0:r1])
+                    grad_w += g_CP.t() @ hc[r0:r1]
             del g_CP
-        if need_w and grad_w is None:   # no rows
-            grad_w = torch.zeros(w_PD.shape, dtype=torch.float32, device=w_PD.device)
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.has = (need_h, need_w)
         ctx.w_dtype = w_PD.dtype
