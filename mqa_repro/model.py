@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import relu_dropout
 from .spec import ModelSpec
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3   # special token ids; data.py trains SentencePiece with the same ids
@@ -120,7 +121,10 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(relu_dropout)
 
     def forward(self, x):
-        return self.wo(self.dropout(F.relu(self.wi(x))))
+        h = self.wi(x)
+        if self.training and self.dropout.p > 0 and h.is_cuda and relu_dropout.available(h):
+            return self.wo(relu_dropout.relu_dropout(h, self.dropout.p))   # one Triton pass on CUDA
+        return self.wo(self.dropout(F.relu(h)))
 
 
 class Block(nn.Module):
