@@ -2,8 +2,10 @@
 
 Every process runs ``mqa_repro.evaluate.evaluate_run`` on RUN_DIR (dev perplexity and BLEU, every test split
 and beam of the spec) and times each of its decodes (synchronised); everything a fresh process pays is in
-those times: Triton's start-up, kernel loads, CUDA graph captures. The eager reference path is the same
-process with the decoding swapped for ``scripts/evaluate_speed.reference_translate`` (decode.py at 2a7094f).
+those times: Triton's start-up, kernel loads, CUDA graph captures (the engine's decodes also record how many
+graphs they captured, the seconds the captures took with their warm-up steps, and their compactions). The
+eager reference path is the same process with the decoding swapped for
+``scripts/evaluate_speed.reference_translate`` (decode.py at 2a7094f).
 Both decode in float32 (TF32 products on CUDA, as `evaluate` sets). Every process uses one Triton cache
 folder of its own (``TRITON_CACHE_DIR``, empty at the start): a first engine process fills it (every kernel
 compiled: what the very first `evaluate` on a machine pays), reported apart as the cold run; the medians are
@@ -43,6 +45,8 @@ def child(run_dir: str, path: str, device: str) -> None:
 
     def timed(model, ex, ev, beam, bs, dev, advance=None, engine=None, **kw):
         sync()
+        counts = lambda: (engine.captures, engine.capture_seconds, engine.compactions) if engine is not None else None
+        c0 = counts()
         t0 = time.perf_counter()
         if path == "eager":
             from scripts.evaluate_speed import reference_translate
@@ -53,6 +57,9 @@ def child(run_dir: str, path: str, device: str) -> None:
             out = engine_translate(model, ex, ev, beam, bs, dev, advance, engine=engine, **kw)
         sync()
         decodes.append({"sentences": len(ex), "beam": beam, "seconds": time.perf_counter() - t0})
+        if path == "engine" and c0 is not None:   # first-use costs inside this decode
+            c1 = counts()
+            decodes[-1].update(graph_captures=c1[0] - c0[0], capture_s=c1[1] - c0[1], compactions=c1[2] - c0[2])
         return out
 
     E.translate = timed
@@ -74,6 +81,10 @@ def run_child(run_dir: Path, path: str, device: str, env_extra: dict) -> dict:
     print(f"{path}: decodes "
           f"{[round(d['seconds'], 3) for d in doc['decodes']]} = {doc['decode_s']:.3f} s; process "
           f"{doc['process_s']:.1f} s", flush=True)
+    if path == "engine":
+        print("  graph captures (capture s) per decode: "
+              f"{[(d['graph_captures'], round(d['capture_s'], 3)) for d in doc['decodes']]}; compactions "
+              f"{[d['compactions'] for d in doc['decodes']]}", flush=True)
     return doc
 
 

@@ -106,27 +106,23 @@ def test_compacting_a_batch_to_its_unfinished_sentences_changes_nothing(row, sen
 
     monkeypatch.setattr(engine_mod, "CHECK_EVERY", 1)
     monkeypatch.setattr(engine_mod, "COMPACT_MIN_ROWS", 2)
-    moves = []
-    compact = engine_mod.Engine._compact
-    monkeypatch.setattr(engine_mod.Engine, "_compact", lambda self, w, *a: moves.append(1) or compact(self, w, *a))
     m, lm = make(row), make(row, "decoder-only")
     prompts = [s[: len(s) // 2] for s in sentences[:6]] + [[]]
     n_translate = n_generate = 0
     for beam in (1, 4):
-        n = len(moves)
-        assert Engine(m).translate(sentences, beam=beam, **LIMITS) == oracle_translate(m, sentences, beam), beam
-        n_translate += len(moves) - n
-        n = len(moves)
-        assert Engine(lm).generate(prompts, beam=beam, max_new_tokens=10) == oracle_generate(lm, prompts, beam, 10)
-        n_generate += len(moves) - n
+        e, g = Engine(m), Engine(lm)
+        assert e.translate(sentences, beam=beam, **LIMITS) == oracle_translate(m, sentences, beam), beam
+        assert g.generate(prompts, beam=beam, max_new_tokens=10) == oracle_generate(lm, prompts, beam, 10)
+        n_translate += e.compactions
+        n_generate += g.compactions
     forced = [1 + i % 7 for i in range(len(sentences))]
     for beam in (1, 4):
         got = Engine(m).translate(sentences, beam=beam, forced_lengths=forced, **LIMITS)
         assert [len(x) for x in got] == forced
-        n = len(moves)
-        got = Engine(lm).generate(prompts, beam=beam, forced_lengths=forced[:len(prompts)])
+        g = Engine(lm)
+        got = g.generate(prompts, beam=beam, forced_lengths=forced[:len(prompts)])
         assert [len(x) for x in got] == forced[:len(prompts)]
-        n_generate += len(moves) - n
+        n_generate += g.compactions
     assert n_translate and n_generate      # both paths really moved sentences
 
 

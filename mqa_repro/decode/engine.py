@@ -110,6 +110,9 @@ class Engine:
         self.decode_seconds = 0.0
         self.timing = False
         self.steps_run = 0            # decoder steps run (all batches), for the benchmark
+        self.compactions = 0          # batches carried on in a smaller workspace (:meth:`_compact`)
+        self.captures = 0             # CUDA graphs captured, and the wall seconds they took with their
+        self.capture_seconds = 0.0    # warm-up steps (first-use costs: scripts/evaluate_whole_speed.py)
         self._work: dict = {}
         self._capture_s: Optional[float] = None   # the quickest CUDA graph capture so far (compaction_pays)
         if self.device.type == "cuda" and use_triton is not False:
@@ -340,6 +343,7 @@ class Engine:
         indices inside the ancestor table, the parents and the finished hypotheses renumbered); spare rows are
         done. On a GPU the smaller workspace and its graph are kept with ``w`` for the next batch."""
         k, m, dev = beam, len(live), self.device
+        self.compactions += 1
         rows = bucket(m, 1) if self.graphs else m
         sel_B = torch.from_numpy(live).to(dev)
         sel_N = (sel_B[:, None] * k + torch.arange(k, device=dev)).view(-1)
@@ -426,6 +430,7 @@ class Engine:
         """One CUDA graph of :meth:`_dynamic_step` on ``w``'s tensors; the warm-up step (kernel compilation,
         tuning) runs on a copy of the state, which is then restored. Twice the capture's own seconds (it and
         a warm-up step) count in ``_capture_s``."""
+        t_enter = time.perf_counter()
         saved = {k: v.clone() for k, v in vars(w.search).items() if torch.is_tensor(v)}
         anc = [a.clone() for a in w.cache.anc] if w.cache.anc is not None else None
         t0 = w.t_1.clone()
@@ -459,6 +464,8 @@ class Engine:
         w.t_1.copy_(t0)
         torch.cuda.synchronize(self.device)
         self._capture_s = took if self._capture_s is None else min(self._capture_s, took)
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - t_enter
         return graph
 
 
