@@ -220,6 +220,8 @@ def _evaluate_run(run_dir, splits, beams, batch_size, device, data, checkpoint, 
         from .decode import Engine
 
         engine = Engine(model, vocab_limit=prepared.piece_count)
+        for beam in beams:
+            engine.check_beam(beam)     # before the perplexities, not after them
     for role, stem in stems:
         ex = load_examples(prepared, variant, stem, ev.max_sentences)
         metrics["perplexity"][stem] = _perplexity(model, prepared, variant, role, stem, ex, dev, progress)
@@ -241,6 +243,8 @@ def _load_run(run_dir: Path, man: dict, checkpoint, device, variant) -> tuple:
     ckpt_path = Path(checkpoint) if checkpoint else Path(man.get("checkpoint", ""))
     if not man.get("checkpoint") and checkpoint is None:
         raise UserError(f"{run_dir}/manifest.json names no checkpoint; train the run first")
+    if checkpoint is not None and not ckpt_path.is_file():
+        raise UserError(f"--checkpoint {ckpt_path}: no such file")
     if not ckpt_path.is_file():
         raise UserError(f"the checkpoint of {run_dir} is missing (expected at {ckpt_path}); "
                         f"train the run first or pass --checkpoint")

@@ -280,6 +280,8 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 def load_spec(path) -> Spec:
     """Read, validate and resolve a spec file. Raises SpecError naming file and key."""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(path, "", "a directory, not a spec file (pass a YAML spec such as experiments/tiny.yaml)")
     if not path.is_file():
         raise SpecError(path, "", "no such spec file")
     try:

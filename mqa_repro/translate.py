@@ -245,9 +245,10 @@ def decode_lines(loaded: Loaded, lines: Sequence[str], *, beam: int = 1, batch_t
     ids = [x[:limit] if seq2seq else x[-limit:] for x in ids]
     todo = [k for k, x in enumerate(ids) if x]
     short = 0 if seq2seq else sum(positions - len(ids[k]) < max_new_tokens for k in todo)
+    eng = engine if engine is not None else Engine(loaded.model)
+    eng.check_beam(beam)
     advance, close = _progress_bar(len(todo), f"{'translate' if seq2seq else 'generate'} beam {beam}",
                                    progress and rank == 0)
-    eng = engine if engine is not None else Engine(loaded.model)
     ev = v.evaluation
     try:
         if not todo:

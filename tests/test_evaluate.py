@@ -80,6 +80,13 @@ def test_bad_run_directories(tiny_run, tmp_path):
     assert r.returncode == 2
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "checkpoint" in lines[0] and "missing" in lines[0], r.stderr
+    # --checkpoint naming a file that is not there: said of --checkpoint, not of the run
+    (run / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(UserError, match=r"--checkpoint .*gone2.pt: no such file"):
+        evaluate_run(run, device="cpu", checkpoint=tmp_path / "gone2.pt")
+    # a beam the vocabulary cannot feed: refused before any perplexity is computed
+    with pytest.raises(UserError, match="too large for this model"):
+        evaluate_run(run, splits=["test"], beams=[1, 10_000], device="cpu", progress=False)
     # A spec that does not match the checkpoint.
     (run / "manifest.json").write_text(json.dumps({**man, "spec_hash": "0" * 64}))
     with pytest.raises(UserError, match="does not match the checkpoint"):

@@ -140,6 +140,8 @@ def test_invalid_yaml_names_the_line(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(SpecError, match="no such spec file"):
         load_spec(tmp_path / "missing.yaml")
+    with pytest.raises(SpecError, match="a directory, not a spec file"):
+        load_spec(tmp_path)
 
 
 def test_unknown_variant_is_named(tmp_path):

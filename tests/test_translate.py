@@ -158,6 +158,8 @@ def test_mistakes_are_one_sentence_and_leave_no_output(evaluated, tiny_data, tmp
     shutil.copytree(tiny_data, broken)
     (broken / "spm.model").unlink()
     fails(evaluated, "spm.model is missing", data=broken)
+    # a beam the vocabulary cannot feed (each step keeps 2 x beam continuations): a sentence, not topk's error
+    fails(evaluated, "beam 600 is too large for this model", beam=600)
     # missing input; an output folder that does not exist
     fails(evaluated, "no input file", input=tmp_path / "x.txt")
     fails(evaluated, "does not exist", output=tmp_path / "no" / "out.txt")

@@ -55,9 +55,16 @@ def bucket(x: int, minimum: int = 8) -> int:
     return -(-x // 64) * 64
 
 
-def _check_beam(beam) -> None:
+def _check_beam(beam, vocab_limit: int) -> None:
+    """Raises UserError for a beam size that is not a positive integer, or one the vocabulary cannot feed:
+    each step keeps the best 2 x beam continuations, among the ``vocab_limit`` - 2 ids that can be emitted
+    (PAD and BOS never are)."""
     if not isinstance(beam, int) or beam < 1:
         raise UserError(f"the beam size must be a positive integer, got {beam!r}")
+    if 2 * beam > vocab_limit - 2:
+        raise UserError(f"beam {beam} is too large for this model: beam search keeps the best 2 x beam "
+                        f"continuations of each hypothesis and the model can emit {vocab_limit - 2} ids, so the "
+                        f"beam can be at most {(vocab_limit - 2) // 2}")
 
 
 @dataclass
@@ -187,7 +194,7 @@ class Engine:
                     seq2seq: bool, progress: Optional[Callable[[int], None]]) -> list:
         """Decode every sequence of ``seqs`` (lengths ``lens`` [N], step limits ``limits`` [N]) in batches of at
         most ``batch_tokens`` tokens; the results in input order. ``progress(n)`` after each batch."""
-        _check_beam(beam)
+        self.check_beam(beam)
         wait_triton_warm_up()
         out = [None] * len(seqs)
         for idx in self._batches(lens, batch_tokens):
@@ -198,6 +205,11 @@ class Engine:
             if progress is not None:
                 progress(len(idx))
         return out
+
+    def check_beam(self, beam) -> None:
+        """Raises UserError for a beam size this engine cannot search with (not a positive integer, or more
+        than half the ids the model can emit); callers check before long work."""
+        _check_beam(beam, self.vocab_limit)
 
     def fixed_run(self, batch: int, beam: int, steps: int, src_BS: Optional[torch.Tensor] = None) -> "FixedRun":
         """The paper's timing protocol: ``steps`` tokens for every row, EOS ignored, full-length sources
