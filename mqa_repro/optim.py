@@ -126,8 +126,8 @@ class Adafactor(torch.optim.Adafactor):
             steps.append(float(st["step"]))
         dev = params[0].device
         decay = [s ** group["beta2_decay"] for s in steps]                        # 1 - beta2_t
-        rho = _on_device([min(lr, s ** -0.5) for s in steps], dev)
-        root_n = _on_device([p.numel() ** 0.5 for p in params], dev)
+        host = _on_device([min(lr, s ** -0.5) for s in steps] + [p.numel() ** 0.5 for p in params], dev)
+        rho, root_n = host[:len(params)], host[len(params):]                     # one copy a step
         # relative step size: max(eps2, RMS(p)) * rho, from the parameters before weight decay
         alpha = (torch.stack(torch._foreach_norm(params)).float() / root_n).clamp_min(eps2) * rho
         if wd:
@@ -154,7 +154,7 @@ class Adafactor(torch.optim.Adafactor):
             g = [grads[i] for i in vecs]
             var = [states[i]["variance"] for i in vecs]
             torch._foreach_lerp_(var, torch._foreach_mul(g, g), [decay[i] for i in vecs])
-            u = torch._foreach_clamp_min([v for v in var], e1 * e1)
+            u = torch._foreach_clamp_min(var, e1 * e1)
             torch._foreach_rsqrt_(u)
             torch._foreach_mul_(u, g)
             for i, ui, n in zip(vecs, u, torch._foreach_norm(u)):
