@@ -150,9 +150,9 @@ def manifest_training_hash(man: dict) -> Optional[str]:
 
 def check_resumable(ck: dict, path: Path, variant: Variant, seed: int, data_hash: Optional[str],
                     data_path) -> None:
-    """Raises ResumeError (a UserError naming ``path``) unless the checkpoint ``ck`` read from ``path`` continues this
-    run: the same training sections of the spec, the same seed, the same prepared data (fingerprint
-    ``data_hash`` of the data at ``data_path``) and steps left to train."""
+    """Raises ResumeError (a UserError naming ``path``) unless the checkpoint ``ck`` read from ``path``
+    continues this run: the same training sections of the spec, the same seed, the same prepared data
+    (fingerprint ``data_hash`` of the data at ``data_path``) and steps left to train."""
     if checkpoint_training_hash(ck) != variant.training_hash:   # evaluation/benchmark may differ
         diff = [k for k in _spec_diff(ck["spec"], variant.to_dict())
                 if k.split(".")[0] in TRAINING_SECTIONS + ("schema_version",)]

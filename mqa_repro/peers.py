@@ -6,9 +6,10 @@ Transformer in ``ctranslate2.specs.TransformerSpec`` -- pre-norm blocks with a f
 stack, learned positions (``PositionEncoderSpec.encodings`` = our position tables), one embedding matrix
 scaled by sqrt(d_model) shared by encoder, decoder and output projection, bias-free projections (CT2's
 biases are optional; the output projection's only masks the ids never emitted), ReLU, layer-norm epsilon
-1e-5 -- and :class:`CT2Model` runs it with ``Translator.translate_batch``. The vocabulary is our SentencePiece model's pieces (padded to the model's
-``padded_vocab`` with unique placeholder pieces, which get a bias of ``FORBIDDEN_LOGIT`` on the output
-projection like PAD and BOS, the tokens our search never emits: :func:`mqa_repro.decode.forbid_specials`).
+1e-5 -- and :class:`CT2Model` runs it with ``Translator.translate_batch``. The vocabulary is our
+SentencePiece model's pieces (padded to the model's ``padded_vocab`` with unique placeholder pieces, which
+get a bias of ``FORBIDDEN_LOGIT`` on the output projection like PAD and BOS, the tokens our search never
+emits: :func:`mqa_repro.decode.forbid_specials`).
 
 Multi-query attention has two forms in CTranslate2 (both ``num_heads_kv = 1``; labelled by ``mqa_form``):
 
