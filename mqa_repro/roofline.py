@@ -28,6 +28,7 @@ chip. The bound of a multi-step run is the sum over steps of max(bytes / bandwid
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -181,9 +182,8 @@ def utilization(costs, seconds: float, ceil: Ceilings) -> dict:
 # Measured ceilings, cached per device
 # --------------------------------------------------------------------------------------------------
 def cache_path() -> Path:
-    from .runtime import cache_dir
-
-    return Path(cache_dir()) / "ceilings.json"
+    root = os.environ.get("MQA_REPRO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mqa-repro")
+    return Path(root) / "ceilings.json"
 
 
 def _timed(fn, device, reps: int) -> float:

@@ -20,12 +20,6 @@ from typing import Callable, Iterator, Optional
 from .errors import UserError
 
 
-def cache_dir() -> str:
-    """The folder of the measurements kept between processes (``ceilings.json``, the decoder's tuned choices):
-    ``$MQA_REPRO_CACHE``, default ``~/.cache/mqa-repro``. Deleting it only costs measuring again."""
-    return os.environ.get("MQA_REPRO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mqa-repro")
-
-
 # --------------------------------------------------------------------------------------------------
 # Device and precision
 # --------------------------------------------------------------------------------------------------

@@ -7,11 +7,9 @@ graphs they captured, the seconds the captures took with their warm-up steps, an
 eager reference path is the same process with the decoding swapped for
 ``scripts/evaluate_speed.reference_translate`` (decode.py at 2a7094f).
 Both decode in float32 (TF32 products on CUDA, as `evaluate` sets). Every process uses one Triton cache
-folder and one tuning cache folder of this script's own (``TRITON_CACHE_DIR``, ``MQA_REPRO_CACHE``, empty at
-the start): a first engine process fills them (every kernel compiled and every tuned choice timed: what the
-very first `evaluate` on a machine pays), reported apart as the cold run; the medians are over ``--repeats``
-processes per path after it, with those caches warm. With ``MQA_REPRO_TUNING_CACHE=off`` in the environment
-every engine process times its tuned choices afresh (recorded as ``tuning_cache``).
+folder of its own (``TRITON_CACHE_DIR``, empty at the start): a first engine process fills it (every kernel
+compiled: what the very first `evaluate` on a machine pays), reported apart as the cold run; the medians are
+over ``--repeats`` processes per path after it, with that cache warm.
 
     python3 scripts/evaluate_whole_speed.py RUN_DIR --repeats 3 --out FILE.json
 """
@@ -37,7 +35,6 @@ def child(run_dir: str, path: str, device: str) -> None:
     import torch
 
     import mqa_repro.evaluate as E
-    from mqa_repro.decode import tuning
 
     decodes = []
     engine_translate = E.translate
@@ -48,8 +45,7 @@ def child(run_dir: str, path: str, device: str) -> None:
 
     def timed(model, ex, ev, beam, bs, dev, advance=None, engine=None, **kw):
         sync()
-        counts = lambda: ((engine.captures, engine.capture_seconds, engine.compactions, tuning.SECONDS[0])
-                          if engine is not None else None)
+        counts = lambda: (engine.captures, engine.capture_seconds, engine.compactions) if engine is not None else None
         c0 = counts()
         t0 = time.perf_counter()
         if path == "eager":
@@ -63,8 +59,7 @@ def child(run_dir: str, path: str, device: str) -> None:
         decodes.append({"sentences": len(ex), "beam": beam, "seconds": time.perf_counter() - t0})
         if path == "engine" and c0 is not None:   # first-use costs inside this decode
             c1 = counts()
-            decodes[-1].update(graph_captures=c1[0] - c0[0], capture_s=c1[1] - c0[1], compactions=c1[2] - c0[2],
-                               tuning_s=c1[3] - c0[3])
+            decodes[-1].update(graph_captures=c1[0] - c0[0], capture_s=c1[1] - c0[1], compactions=c1[2] - c0[2])
         return out
 
     E.translate = timed
@@ -87,9 +82,9 @@ def run_child(run_dir: Path, path: str, device: str, env_extra: dict) -> dict:
           f"{[round(d['seconds'], 3) for d in doc['decodes']]} = {doc['decode_s']:.3f} s; process "
           f"{doc['process_s']:.1f} s", flush=True)
     if path == "engine":
-        print("  graph captures (capture s, of which tuning s) per decode: "
-              f"{[(d['graph_captures'], round(d['capture_s'], 3), round(d['tuning_s'], 3)) for d in doc['decodes']]}"
-              f"; compactions {[d['compactions'] for d in doc['decodes']]}", flush=True)
+        print("  graph captures (capture s) per decode: "
+              f"{[(d['graph_captures'], round(d['capture_s'], 3)) for d in doc['decodes']]}; compactions "
+              f"{[d['compactions'] for d in doc['decodes']]}", flush=True)
     return doc
 
 
@@ -107,7 +102,7 @@ def main() -> None:
         ap.error("--out is required")
     runs = {p: [] for p in ("engine", "eager")}
     with tempfile.TemporaryDirectory() as cache:
-        env = {"TRITON_CACHE_DIR": os.path.join(cache, "triton"), "MQA_REPRO_CACHE": os.path.join(cache, "mqa-repro")}
+        env = {"TRITON_CACHE_DIR": cache}
         cold = run_child(a.run_dir, "engine", a.device, env)    # compiles every kernel into the empty cache
         for _ in range(a.repeats):       # interleaved: both paths see the same machine state
             for p in runs:
@@ -124,10 +119,7 @@ def main() -> None:
     variant, _ = model_from_checkpoint(ck, torch.device("cpu"))
     doc = {"kind": "evaluate-whole-speed", "run": str(a.run_dir), "variant": variant.name,
            "what": "decoding seconds of one `evaluate` (dev beam 1, every test split and beam) per fresh process",
-           "repeats": a.repeats,
-           "tuning_cache": "off" if os.environ.get("MQA_REPRO_TUNING_CACHE", "").lower() in ("off", "0", "false", "no")
-           else "on",
-           "engine_median_s": med["engine"], "eager_median_s": med["eager"],
+           "repeats": a.repeats, "engine_median_s": med["engine"], "eager_median_s": med["eager"],
            "speedup": med["eager"] / med["engine"],
            "engine_cold_triton_cache": cold, "speedup_cold": med["eager"] / cold["decode_s"],
            "bleu_engine": bleu["engine"], "bleu_eager": bleu["eager"],

@@ -1,8 +1,9 @@
 """Issue 19's end-to-end A/B: two `train` runs of the same spec, variant, seed and prepared data (this code
 and the code before the training-speed work), each alone on one GPU of one machine in one call
-(scripts/train_speed_gpu.sh). Reads each run's manifest.json and train_log.jsonl and writes their target
-tokens/s (median of the logged windows after the first, which holds start-up and compilation; and the whole
-run's tokens over the sum of the windows' seconds), the final dev ln(perplexity) and the ratios.
+(scripts/train_speed_gpu.sh, scripts/multi30k_ab_gpu.sh). Reads each run's manifest.json and
+train_log.jsonl and writes their target tokens/s (median of the logged windows after the first, which holds
+start-up and compilation; and the whole run's tokens over the sum of the windows' seconds), the final dev
+ln(perplexity) and the ratios.
 
     python3 scripts/train_ab_summary.py NEW_RUN_DIR OLD_RUN_DIR --out FILE.json
 """

@@ -13,19 +13,6 @@ def data_dir() -> Path:
     return Path(env) if env else ROOT.parent / "shared" / "data"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def own_cache(tmp_path_factory):
-    """Measurements kept between processes (ceilings, tuned decoder choices) go to a folder of the test
-    session's, not the user's ~/.cache/mqa-repro."""
-    saved = os.environ.get("MQA_REPRO_CACHE")
-    os.environ["MQA_REPRO_CACHE"] = str(tmp_path_factory.mktemp("mqa-repro-cache"))
-    yield
-    if saved is None:
-        os.environ.pop("MQA_REPRO_CACHE", None)
-    else:
-        os.environ["MQA_REPRO_CACHE"] = saved
-
-
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     d = data_dir()

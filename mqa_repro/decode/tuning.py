@@ -1,25 +1,11 @@
 """Tuned choices of the decoder: which kernel launch or product variant runs is chosen by timing the
-candidates on the device at first use, once per shape, and remembered for the process and on disk.
+candidates on the device at first use, once per shape, and remembered for the process.
 
 :func:`time_us` times a callable as a CUDA graph from a cold L2 cache; :func:`pick` times every candidate
 and records the times (:func:`tuning_record`, written into decode-bench's JSON); :func:`chosen` is the one
 lookup every tuned choice goes through.
-
-Timing a shape's candidates costs tens of milliseconds per kernel (each candidate launch is a kernel of its
-own to load and two graphs to capture), which a fresh process such as `evaluate` or `translate` would pay
-for every new shape. So each choice, with its candidates' times, is also kept in
-``$MQA_REPRO_CACHE/tuning-<torch>-<triton>.json`` (see :func:`mqa_repro.runtime.cache_dir`), keyed by the
-shape and the device's name, as Triton keeps its compiled kernels; ``MQA_REPRO_TUNING_CACHE=off`` times
-afresh in every process. A choice read from the file shows ``"cached": true`` in :func:`tuning_record`.
 """
 from __future__ import annotations
-
-import json
-import os
-import sys
-import time
-from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -27,91 +13,17 @@ import torch
 TUNING: dict = {}
 _CHOSEN: dict = {}   # (what, shape..., device) -> the choice
 _FLUSH: dict = {}
-_DISK: Optional[dict] = None   # the cache file's entries, read at the first lookup: repr(key) -> entry
-SECONDS = [0.0]      # wall seconds spent timing candidates in this process (first-use costs)
-_UNWRITABLE: list = []   # the cache file could not be written: choices last this process
 
 TUNE_MIN_ROWS = 64   # smaller batches keep the fixed choices (their steps are launch-bound either way)
 
 
-def cache_file() -> Optional[Path]:
-    """The file keeping tuned choices between processes; None when ``MQA_REPRO_TUNING_CACHE=off``."""
-    if _UNWRITABLE or os.environ.get("MQA_REPRO_TUNING_CACHE", "").lower() in ("off", "0", "false", "no"):
-        return None
-    from ..runtime import cache_dir
-
-    try:
-        import triton
-        tv = triton.__version__
-    except ImportError:
-        tv = "none"
-    return Path(cache_dir()) / f"tuning-torch{torch.__version__}-triton{tv}.json".replace("+", "_")
-
-
-def _as_choice(x):
-    """A choice as the tuning code made it (JSON keeps tuples as lists)."""
-    return tuple(x) if isinstance(x, list) else x
-
-
-def _disk() -> dict:
-    global _DISK
-    if _DISK is None:
-        _DISK, path = {}, cache_file()
-        if path is not None and path.is_file():
-            try:
-                _DISK = {k: e for k, e in json.loads(path.read_text()).items() if isinstance(e, dict) and "choice" in e}
-            except (OSError, ValueError, AttributeError):
-                print(f"warning: {path} is not a tuning cache; timing afresh and rewriting it", file=sys.stderr)
-    return _DISK
-
-
-def _save(entries: dict) -> None:
-    """Merge ``entries`` into the cache file under a lock (processes of one torchrun may tune at once)."""
-    path = cache_file()
-    if path is None:
-        return
-    from filelock import FileLock
-
-    from ..provenance import write_json_atomic
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock", timeout=30):
-            table = {}
-            if path.is_file():
-                try:
-                    table = json.loads(path.read_text())
-                except ValueError:
-                    table = {}
-            table.update(entries)
-            write_json_atomic(path, table)
-    except OSError as e:   # a read-only home or a lock never released: keep the choices for this process
-        print(f"warning: could not keep tuned choices in {path} ({e}); they last this process", file=sys.stderr)
-        _UNWRITABLE.append(path)
-
-
 def chosen(key: tuple, default, tune):
-    """The choice stored under ``key`` (in this process, else in the cache file); else ``tune()``'s, stored in
-    both. Never tuned inside a graph capture (the warm-up before capture tunes first): there the ``default``
-    is used."""
+    """The choice stored under ``key``; else ``tune()``'s, stored. Never tuned inside a graph capture (the
+    warm-up before capture tunes first): there the ``default`` is used."""
     if key not in _CHOSEN:
-        entry = _disk().get(repr(key)) if cache_file() is not None else None
-        if entry is not None:
-            _CHOSEN[key] = _as_choice(entry["choice"])
-            if entry.get("name"):
-                TUNING[entry["name"]] = {"choice": entry["choice"], "us": entry.get("us", {}), "cached": True}
-            return _CHOSEN[key]
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_current_stream_capturing():
             return default
-        before, t0 = set(TUNING), time.perf_counter()
         _CHOSEN[key] = tune()
-        SECONDS[0] += time.perf_counter() - t0
-        names = [n for n in TUNING if n not in before]
-        entry = {"choice": list(_CHOSEN[key]) if isinstance(_CHOSEN[key], tuple) else _CHOSEN[key]}
-        if names:
-            entry.update(name=names[-1], us=TUNING[names[-1]]["us"])
-        _disk()[repr(key)] = entry
-        _save({repr(key): entry})
     return _CHOSEN[key]
 
 
