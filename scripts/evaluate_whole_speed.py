@@ -45,7 +45,8 @@ def child(run_dir: str, path: str, device: str) -> None:
 
     def timed(model, ex, ev, beam, bs, dev, advance=None, engine=None, **kw):
         sync()
-        counts = lambda: (engine.captures, engine.capture_seconds, engine.compactions) if engine is not None else None
+        counts = lambda: ((engine.captures, engine.capture_seconds, engine.compactions, engine.cold_captures,
+                           engine.cold_capture_failures) if engine is not None else None)
         c0 = counts()
         t0 = time.perf_counter()
         if path == "eager":
@@ -59,7 +60,8 @@ def child(run_dir: str, path: str, device: str) -> None:
         decodes.append({"sentences": len(ex), "beam": beam, "seconds": time.perf_counter() - t0})
         if path == "engine" and c0 is not None:   # first-use costs inside this decode
             c1 = counts()
-            decodes[-1].update(graph_captures=c1[0] - c0[0], capture_s=c1[1] - c0[1], compactions=c1[2] - c0[2])
+            decodes[-1].update(graph_captures=c1[0] - c0[0], capture_s=c1[1] - c0[1], compactions=c1[2] - c0[2],
+                               cold_captures=c1[3] - c0[3], cold_capture_failures=c1[4] - c0[4])
         return out
 
     E.translate = timed
@@ -82,8 +84,9 @@ def run_child(run_dir: Path, path: str, device: str, env_extra: dict) -> dict:
           f"{[round(d['seconds'], 3) for d in doc['decodes']]} = {doc['decode_s']:.3f} s; process "
           f"{doc['process_s']:.1f} s", flush=True)
     if path == "engine":
-        print("  graph captures (capture s) per decode: "
-              f"{[(d['graph_captures'], round(d['capture_s'], 3)) for d in doc['decodes']]}; compactions "
+        print("  graph captures (of them without a warm-up step, capture s) per decode: "
+              f"{[(d['graph_captures'], d['cold_captures'], round(d['capture_s'], 3)) for d in doc['decodes']]}; "
+              f"failed without warm-up {sum(d['cold_capture_failures'] for d in doc['decodes'])}; compactions "
               f"{[d['compactions'] for d in doc['decodes']]}", flush=True)
     return doc
 

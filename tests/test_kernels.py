@@ -304,6 +304,7 @@ def test_cuda_graphs_translate_what_eager_translates(name):
     # few shapes: 4 decodes (greedy and beam 4, EOS and forced lengths) of 37 sentences in batches of 300
     # tokens; 12 were captured on an H200 (the bound was 8 while the engine kept at most 8 workspaces)
     assert len(graphs._work) <= 16
+    assert graphs.cold_captures > 0   # shapes after the first of a kind were captured without a warm-up step
 
 
 @needs_cuda
@@ -331,7 +332,7 @@ def test_cuda_graphs_of_compacted_batches_decode_what_eager_decodes(name, monkey
         want = eager.translate(srcs, beam=beam, batch_tokens=2000, forced_lengths=forced)
         for _ in range(2):   # the second pass replays the kept graphs
             assert graphs.translate(srcs, beam=beam, batch_tokens=2000, forced_lengths=forced) == want, beam
-    assert moves
+    assert moves and graphs.cold_captures > 0   # mid-decode captures without a warm-up step among them
 
 
 @needs_cuda

@@ -45,6 +45,7 @@ COMPACT_MIN_ROWS = 64    # a batch of at least this many rows moves its unfinish
                          # of half the rows or fewer once at least half of them are done (see _compact)
 MAX_WORKSPACES = 64      # captured shapes kept per engine (each holds its cache and graph), least recently
 WORKSPACE_MEMORY = 0.5   # used first out; and fewer while the device holds more than this share of its memory
+COLD_CAPTURES = True     # capture a kind of step already captured once without a warm-up step (Engine._capture)
 
 
 def bucket(x: int, minimum: int = 8) -> int:
@@ -120,6 +121,9 @@ class Engine:
         self.compactions = 0          # batches carried on in a smaller workspace (:meth:`_compact`)
         self.captures = 0             # CUDA graphs captured, and the wall seconds they took with their
         self.capture_seconds = 0.0    # warm-up steps (first-use costs: scripts/evaluate_whole_speed.py)
+        self.cold_captures = 0           # of them, captured without a warm-up step (Engine._capture), and
+        self.cold_capture_failures = 0   # those tried so that failed and were made again after one
+        self._warm_kinds: set = set()   # kinds of step captured after a warm-up step (Engine._capture)
         self._work: dict = {}
         self._capture_s: Optional[float] = None   # the quickest CUDA graph capture so far (compaction_pays)
         if self.device.type == "cuda" and use_triton is not False:
@@ -439,10 +443,47 @@ class Engine:
             self.step.hidden(w.cache, ids_NP.gather(1, pos_N[:, None]).view(-1), pos_N=pos_N)
 
     def _capture(self, w: _Work):
-        """One CUDA graph of :meth:`_dynamic_step` on ``w``'s tensors; the warm-up step (kernel compilation,
-        tuning) runs on a copy of the state, which is then restored. Twice the capture's own seconds (it and
-        a warm-up step) count in ``_capture_s``."""
+        """One CUDA graph of :meth:`_dynamic_step` on ``w``'s tensors. The first capture of a kind of step
+        (search, ancestor table, ring buffer, encoder-decoder attention) follows a warm-up step (kernel
+        compilation and loading, tuning) run on a copy of the state, which is then restored; later ones of the
+        kind are captured without it where :data:`COLD_CAPTURES` (their kernels are loaded; a capture that
+        fails, e.g. a kernel specialisation not loaded yet, is made again after a warm-up step). The capture's
+        seconds (twice them where a warm-up step preceded it) count in ``_capture_s``."""
         t_enter = time.perf_counter()
+        kind = (type(w.search), w.cache.anc is not None, w.cache.window, w.cache.cross_BSGC is not None)
+        got = self._capture_cold(w) if COLD_CAPTURES and kind in self._warm_kinds and not self.step.tune else None
+        if got is None:
+            got = self._capture_warm(w)
+            self._warm_kinds.add(kind)
+        graph, took = got
+        torch.cuda.synchronize(self.device)
+        self._capture_s = took if self._capture_s is None else min(self._capture_s, took)
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - t_enter
+        return graph
+
+    def _capture_cold(self, w: _Work):
+        """(graph, seconds) of a capture without a warm-up step, or None where the capture failed."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        t_start = time.perf_counter()
+        try:
+            with torch.cuda.stream(side):
+                graph.capture_begin()
+                try:
+                    self._dynamic_step(w)
+                finally:
+                    graph.capture_end()
+        except RuntimeError:
+            self.cold_capture_failures += 1
+            return None
+        torch.cuda.current_stream().wait_stream(side)
+        self.cold_captures += 1
+        return graph, time.perf_counter() - t_start
+
+    def _capture_warm(self, w: _Work):
+        """(graph, twice the capture's seconds) of a capture after a warm-up step on a copy of the state."""
         saved = {k: v.clone() for k, v in vars(w.search).items() if torch.is_tensor(v)}
         anc = [a.clone() for a in w.cache.anc] if w.cache.anc is not None else None
         t0 = w.t_1.clone()
@@ -474,8 +515,4 @@ class Engine:
             for a, b in zip(w.cache.self_TNGC, slabs):
                 a.copy_(b)
         w.t_1.copy_(t0)
-        torch.cuda.synchronize(self.device)
-        self._capture_s = took if self._capture_s is None else min(self._capture_s, took)
-        self.captures += 1
-        self.capture_seconds += time.perf_counter() - t_enter
-        return graph
+        return graph, took
