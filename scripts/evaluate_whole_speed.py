@@ -3,8 +3,9 @@
 Every process runs ``mqa_repro.evaluate.evaluate_run`` on RUN_DIR (dev perplexity and BLEU, every test split
 and beam of the spec) and times each of its decodes (synchronised); everything a fresh process pays is in
 those times: Triton's start-up, kernel loads, CUDA graph captures (the engine's decodes also record how many
-graphs they captured, the seconds the captures took with their warm-up steps, and their compactions). The
-eager reference path is the same process with the decoding swapped for
+graphs they captured, how many of them without a warm-up step and how many such tries failed, the seconds
+the captures took with their warm-up steps, their compactions, and the seconds spent waiting for Triton's
+warm-up thread). The eager reference path is the same process with the decoding swapped for
 ``scripts/evaluate_speed.reference_translate`` (decode.py at 2a7094f).
 Both decode in float32 (TF32 products on CUDA, as `evaluate` sets). Every process uses one Triton cache
 folder of its own (``TRITON_CACHE_DIR``, empty at the start): a first engine process fills it (every kernel
@@ -35,6 +36,7 @@ def child(run_dir: str, path: str, device: str) -> None:
     import torch
 
     import mqa_repro.evaluate as E
+    from mqa_repro.decode import kernels
 
     decodes = []
     engine_translate = E.translate
@@ -46,7 +48,7 @@ def child(run_dir: str, path: str, device: str) -> None:
     def timed(model, ex, ev, beam, bs, dev, advance=None, engine=None, **kw):
         sync()
         counts = lambda: ((engine.captures, engine.capture_seconds, engine.compactions, engine.cold_captures,
-                           engine.cold_capture_failures) if engine is not None else None)
+                           engine.cold_capture_failures, kernels.WAITED[0]) if engine is not None else None)
         c0 = counts()
         t0 = time.perf_counter()
         if path == "eager":
@@ -61,7 +63,8 @@ def child(run_dir: str, path: str, device: str) -> None:
         if path == "engine" and c0 is not None:   # first-use costs inside this decode
             c1 = counts()
             decodes[-1].update(graph_captures=c1[0] - c0[0], capture_s=c1[1] - c0[1], compactions=c1[2] - c0[2],
-                               cold_captures=c1[3] - c0[3], cold_capture_failures=c1[4] - c0[4])
+                               cold_captures=c1[3] - c0[3], cold_capture_failures=c1[4] - c0[4],
+                               triton_warm_up_wait_s=c1[5] - c0[5])
         return out
 
     E.translate = timed
@@ -86,7 +89,8 @@ def run_child(run_dir: Path, path: str, device: str, env_extra: dict) -> dict:
     if path == "engine":
         print("  graph captures (of them without a warm-up step, capture s) per decode: "
               f"{[(d['graph_captures'], d['cold_captures'], round(d['capture_s'], 3)) for d in doc['decodes']]}; "
-              f"failed without warm-up {sum(d['cold_capture_failures'] for d in doc['decodes'])}; compactions "
+              f"failed without warm-up {sum(d['cold_capture_failures'] for d in doc['decodes'])}; waited for "
+              f"Triton's warm-up thread {sum(d['triton_warm_up_wait_s'] for d in doc['decodes']):.3f} s; compactions "
               f"{[d['compactions'] for d in doc['decodes']]}", flush=True)
     return doc
 

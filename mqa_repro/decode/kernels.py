@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+import time
 from typing import Optional
 
 import torch
@@ -43,22 +44,26 @@ _warm_up: Optional[threading.Thread] = None
 
 def start_triton_warm_up() -> None:
     """Start, on a background thread, the work Triton does once per process at its first kernel launch:
-    hashing its own compiler (libtriton and its Python sources: the key of its on-disk kernel cache) and
-    importing its compiler's front end, together about 0.55 s on an H200 host (notes/engine.md). A caller
+    hashing its own compiler (libtriton and its Python sources: the key of its on-disk kernel cache),
+    importing its compiler's front end (together about 0.55 s on an H200 host, notes/engine.md) and creating
+    its CUDA driver object (its utilities module loaded, the platform probed: about 30 ms). A caller
     that builds an engine and then does other work (``evaluate`` scores the dev perplexity first) hides
     it; :func:`wait_triton_warm_up` joins the thread before the engine's first launch so the work is never
-    done twice. Best effort: ``triton.runtime.cache.triton_key`` is Triton's internal function (cached per
-    process); when it is missing or fails, Triton does the work at the first launch as it always has."""
+    done twice. Best effort: ``triton.runtime.cache.triton_key`` and ``triton.runtime.driver`` are Triton's
+    internals (cached per process); when they are missing or fail, Triton does the work at the first launch
+    as it always has."""
     global _warm_up
     if triton is None or _warm_up is not None:
         return
 
     def work():
         try:
+            from triton.runtime import driver
             from triton.runtime.cache import triton_key
 
             triton_key()
             importlib.import_module("triton.experimental.gluon")   # its compiler's first kernel imports it
+            driver.active.get_current_target()   # the driver: its utilities module loaded, the platform probed
         except Exception:  # noqa: BLE001 - an optimisation only
             pass
 
@@ -66,10 +71,15 @@ def start_triton_warm_up() -> None:
     _warm_up.start()
 
 
+WAITED = [0.0]   # seconds the engine waited for that thread (scripts/evaluate_whole_speed.py records them)
+
+
 def wait_triton_warm_up() -> None:
     """Join the thread of :func:`start_triton_warm_up` (at once when none was started or it is done)."""
-    if _warm_up is not None:
+    if _warm_up is not None and _warm_up.is_alive():
+        t0 = time.perf_counter()
         _warm_up.join()
+        WAITED[0] += time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------------------------------
