@@ -45,8 +45,10 @@ _warm_up: Optional[threading.Thread] = None
 def start_triton_warm_up() -> None:
     """Start, on a background thread, the work Triton does once per process at its first kernel launch:
     hashing its own compiler (libtriton and its Python sources: the key of its on-disk kernel cache),
-    importing its compiler's front end (together about 0.55 s on an H200 host, notes/engine.md) and creating
-    its CUDA driver object (its utilities module loaded, the platform probed: about 30 ms). A caller
+    importing its compiler's front end (together about 0.55 s on an H200 host, notes/engine.md), creating
+    its CUDA driver object (its utilities module loaded, the platform probed), asking ptxas its version and
+    hashing each of this module's kernels' sources (these last tens of ms a process: cProfile of a fresh
+    `evaluate`, notes/engine.md). A caller
     that builds an engine and then does other work (``evaluate`` scores the dev perplexity first) hides
     it; :func:`wait_triton_warm_up` joins the thread before the engine's first launch so the work is never
     done twice. Best effort: ``triton.runtime.cache.triton_key`` and ``triton.runtime.driver`` are Triton's
@@ -63,7 +65,14 @@ def start_triton_warm_up() -> None:
 
             triton_key()
             importlib.import_module("triton.experimental.gluon")   # its compiler's first kernel imports it
-            driver.active.get_current_target()   # the driver: its utilities module loaded, the platform probed
+            target = driver.active.get_current_target()   # the driver: its utilities loaded, the platform probed
+            from triton.compiler.compiler import make_backend
+            from triton.runtime.jit import JITFunction
+
+            make_backend(target).hash()           # the compiler's version (ptxas --version): part of every key
+            for fn in list(globals().values()):  # each kernel's source hash (its dependencies parsed)
+                if isinstance(fn, JITFunction):
+                    fn.cache_key
         except Exception:  # noqa: BLE001 - an optimisation only
             pass
 
