@@ -125,8 +125,6 @@ class Engine:
         self.cold_capture_failures = 0   # those tried so that failed and were made again after one
         self._warm_kinds: set = set()   # kinds of step captured after a warm-up step (Engine._capture)
         self._work: dict = {}
-        self._stream: Optional[torch.cuda.Stream] = None
-        self._pool = None
         self._capture_s: Optional[float] = None   # the quickest CUDA graph capture so far (compaction_pays)
         if self.device.type == "cuda" and use_triton is not False:
             start_triton_warm_up()    # hidden behind whatever the caller does before the first decode
@@ -464,29 +462,15 @@ class Engine:
         self.capture_seconds += time.perf_counter() - t_enter
         return graph
 
-    def _side_stream(self) -> torch.cuda.Stream:
-        """The one stream this engine warms up and captures on (as torch.cuda.graph keeps one capture stream):
-        cuBLAS keeps a workspace per stream, so a new stream per capture would allocate a new one each time."""
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        return self._stream
-
-    def _graph_pool(self):
-        """The one memory pool of this engine's graphs: their replays never overlap (one stream, one at a
-        time), so a capture may reuse what earlier captures freed instead of reserving fresh device memory."""
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        return self._pool
-
     def _capture_cold(self, w: _Work):
         """(graph, seconds) of a capture without a warm-up step, or None where the capture failed."""
-        side = self._side_stream()
+        side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
         t_start = time.perf_counter()
         try:
             with torch.cuda.stream(side):
-                graph.capture_begin(pool=self._graph_pool())
+                graph.capture_begin()
                 try:
                     self._dynamic_step(w)
                 finally:
@@ -507,7 +491,7 @@ class Engine:
         # attention) overwrites a position the next real step still reads; elsewhere it is rewritten before it
         # is read
         slabs = ([x.clone() for x in w.cache.self_TNGC] if w.cache.window is not None and bool(t0 > 0) else None)
-        side = self._side_stream()
+        side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._dynamic_step(w)
@@ -515,7 +499,7 @@ class Engine:
             # allocator's cache before every capture (the next shape's warm-up then allocates afresh)
             graph = torch.cuda.CUDAGraph()
             t_start = time.perf_counter()
-            graph.capture_begin(pool=self._graph_pool())
+            graph.capture_begin()
             try:
                 self._dynamic_step(w)
             finally:
