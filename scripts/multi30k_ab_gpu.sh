@@ -6,7 +6,7 @@
 #   GPU 1: the code before issue 19 (a `git archive` of $OLD_SHA in $OLD, the same prepared arrays under
 #          $OLD/data) trains the same run at the same time.
 # Each training run is alone on its GPU. Run from the repository root with data/multi30k_ende prepared;
-# MQA_REPRO_GIT_SHA set where the tree has no git history. Everything lands in $OUT_DIR (6 files).
+# MQA_REPRO_GIT_SHA set where the tree has no git history. Everything lands in $OUT_DIR (5 files).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT_DIR=${OUT_DIR:-out}
