@@ -50,9 +50,9 @@ def start_triton_warm_up() -> None:
     hashing each of this module's kernels' sources (these last tens of ms a process: cProfile of a fresh
     `evaluate`, notes/engine.md). A caller that builds an engine and then does other work (``evaluate``
     scores the dev perplexity first) hides it; :func:`wait_triton_warm_up` joins the thread before the
-    engine's first launch so the work is never done twice. Best effort: ``triton.runtime.cache.triton_key`` and ``triton.runtime.driver`` are Triton's
-    internals (cached per process); when they are missing or fail, Triton does the work at the first launch
-    as it always has."""
+    engine's first launch so the work is never done twice. Best effort: ``triton.runtime.cache.triton_key``,
+    ``triton.runtime.driver`` and the rest are Triton's internals (cached per process); when they are
+    missing or fail, Triton does the work at the first launch as it always has."""
     global _warm_up
     if triton is None or _warm_up is not None:
         return
