@@ -47,8 +47,10 @@ def child(run_dir: str, path: str, device: str) -> None:
 
     def timed(model, ex, ev, beam, bs, dev, advance=None, engine=None, **kw):
         sync()
-        counts = lambda: ((engine.captures, engine.capture_seconds, engine.compactions, engine.cold_captures,
-                           engine.cold_capture_failures, kernels.WAITED[0]) if engine is not None else None)
+        counts = lambda: (dict(graph_captures=engine.captures, capture_s=engine.capture_seconds,
+                               compactions=engine.compactions, cold_captures=engine.cold_captures,
+                               cold_capture_failures=engine.cold_capture_failures,
+                               triton_warm_up_wait_s=kernels.WAITED[0]) if engine is not None else None)
         c0 = counts()
         t0 = time.perf_counter()
         if path == "eager":
@@ -62,9 +64,7 @@ def child(run_dir: str, path: str, device: str) -> None:
         decodes.append({"sentences": len(ex), "beam": beam, "seconds": time.perf_counter() - t0})
         if path == "engine" and c0 is not None:   # first-use costs inside this decode
             c1 = counts()
-            decodes[-1].update(graph_captures=c1[0] - c0[0], capture_s=c1[1] - c0[1], compactions=c1[2] - c0[2],
-                               cold_captures=c1[3] - c0[3], cold_capture_failures=c1[4] - c0[4],
-                               triton_warm_up_wait_s=c1[5] - c0[5])
+            decodes[-1].update({k: c1[k] - c0[k] for k in c1})
         return out
 
     E.translate = timed

@@ -60,8 +60,8 @@ class DecodeCache:
     def move_to_front(self, sel_B: torch.Tensor, sel_N: torch.Tensor, shift_B: torch.Tensor, rows: int) -> None:
         """Move sentences ``sel_B`` (their rows ``sel_N``, beams adjacent) to the front of this cache in place,
         for :meth:`first_rows` of ``rows`` sentences to carry on with: their self-attention K/V, ancestor table
-        (entries renumbered by ``shift_B``, old row - new row per sentence) and encoder-decoder K/V; the spare rows' ancestors
-        are their own rows and the spare sentences' sources one token long."""
+        (entries renumbered by ``shift_B``, old row - new row per sentence) and encoder-decoder K/V; the spare
+        rows' ancestors are their own rows and the spare sentences' sources one token long."""
         m, mk = len(sel_B), len(sel_N)
         for x in self.self_TNGC:                # index_select copies first: moving rows forward in place is safe
             x[:, :mk] = x.index_select(1, sel_N)

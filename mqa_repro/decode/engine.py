@@ -45,7 +45,6 @@ COMPACT_MIN_ROWS = 64    # a batch of at least this many rows moves its unfinish
                          # of half the rows or fewer once at least half of them are done (see _compact)
 MAX_WORKSPACES = 64      # captured shapes kept per engine (each holds its cache and graph), least recently
 WORKSPACE_MEMORY = 0.5   # used first out; and fewer while the device holds more than this share of its memory
-COLD_CAPTURES = True     # capture a kind of step already captured once without a warm-up step (Engine._capture)
 
 
 def bucket(x: int, minimum: int = 8) -> int:
@@ -446,12 +445,19 @@ class Engine:
         """One CUDA graph of :meth:`_dynamic_step` on ``w``'s tensors. The first capture of a kind of step
         (search, ancestor table, ring buffer, encoder-decoder attention) follows a warm-up step (kernel
         compilation and loading, tuning) run on a copy of the state, which is then restored; later ones of the
-        kind are captured without it where :data:`COLD_CAPTURES` (their kernels are loaded; a capture that
-        fails, e.g. a kernel specialisation not loaded yet, is made again after a warm-up step). The capture's
-        seconds (twice them where a warm-up step preceded it) count in ``_capture_s``."""
+        kind are captured without it (their kernels are loaded; a capture that fails, e.g. a kernel
+        specialisation not loaded yet, is made again after a warm-up step), except with tuning on, whose
+        choices are made in the warm-up step. The capture's seconds (twice them where a warm-up step preceded
+        it) count in ``_capture_s``."""
         t_enter = time.perf_counter()
         kind = (type(w.search), w.cache.anc is not None, w.cache.window, w.cache.cross_BSGC is not None)
-        got = self._capture_cold(w) if COLD_CAPTURES and kind in self._warm_kinds and not self.step.tune else None
+        got = None
+        if kind in self._warm_kinds and not self.step.tune:
+            try:
+                got = self._record(w, warm_up=False)
+                self.cold_captures += 1
+            except RuntimeError:
+                self.cold_capture_failures += 1
         if got is None:
             got = self._capture_warm(w)
             self._warm_kinds.add(kind)
@@ -462,25 +468,26 @@ class Engine:
         self.capture_seconds += time.perf_counter() - t_enter
         return graph
 
-    def _capture_cold(self, w: _Work):
-        """(graph, seconds) of a capture without a warm-up step, or None where the capture failed."""
+    def _record(self, w: _Work, warm_up: bool):
+        """(graph, seconds of the capture) of one :meth:`_dynamic_step` on a side stream, after one run of it
+        there where ``warm_up``. Raises RuntimeError where the capture fails."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        graph = torch.cuda.CUDAGraph()
-        t_start = time.perf_counter()
-        try:
-            with torch.cuda.stream(side):
-                graph.capture_begin()
-                try:
-                    self._dynamic_step(w)
-                finally:
-                    graph.capture_end()
-        except RuntimeError:
-            self.cold_capture_failures += 1
-            return None
+        with torch.cuda.stream(side):
+            if warm_up:
+                self._dynamic_step(w)
+            # CUDAGraph's own capture calls rather than the torch.cuda.graph context, which empties the
+            # allocator's cache before every capture (the next shape's warm-up then allocates afresh)
+            graph = torch.cuda.CUDAGraph()
+            t_start = time.perf_counter()
+            graph.capture_begin()
+            try:
+                self._dynamic_step(w)
+            finally:
+                graph.capture_end()
+            took = time.perf_counter() - t_start
         torch.cuda.current_stream().wait_stream(side)
-        self.cold_captures += 1
-        return graph, time.perf_counter() - t_start
+        return graph, took
 
     def _capture_warm(self, w: _Work):
         """(graph, twice the capture's seconds) of a capture after a warm-up step on a copy of the state."""
@@ -491,21 +498,7 @@ class Engine:
         # attention) overwrites a position the next real step still reads; elsewhere it is rewritten before it
         # is read
         slabs = ([x.clone() for x in w.cache.self_TNGC] if w.cache.window is not None and bool(t0 > 0) else None)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._dynamic_step(w)
-            # CUDAGraph's own capture calls rather than the torch.cuda.graph context, which empties the
-            # allocator's cache before every capture (the next shape's warm-up then allocates afresh)
-            graph = torch.cuda.CUDAGraph()
-            t_start = time.perf_counter()
-            graph.capture_begin()
-            try:
-                self._dynamic_step(w)
-            finally:
-                graph.capture_end()
-            took = 2 * (time.perf_counter() - t_start)
-        torch.cuda.current_stream().wait_stream(side)
+        graph, took = self._record(w, warm_up=True)
         for k, v in saved.items():
             getattr(w.search, k).copy_(v)
         if anc is not None:
@@ -515,4 +508,4 @@ class Engine:
             for a, b in zip(w.cache.self_TNGC, slabs):
                 a.copy_(b)
         w.t_1.copy_(t0)
-        return graph, took
+        return graph, 2 * took
