@@ -274,6 +274,61 @@ def test_embed_layernorm_per_row_positions_and_argmax_limits():
         assert not ({int(a[0]), int(a[1])} & {0, 2})
 
 
+@needs_triton
+def test_beam_candidates_kernel_matches_log_softmax_topk():
+    """Each row's best continuations: the kernel's ids and log-probabilities are torch's (fp32: the same ids;
+    bf16, where rounded log-probabilities tie often: the same values, at ids of the same logits), PAD, BOS
+    and ids past the limit excluded, rows of several blocks, the best in the ragged tail."""
+    for dt in DTYPES:
+        g = torch.Generator().manual_seed(13)
+        for n, v, w, limit in ((5, 300, 8, 290), (4, 9000, 6, 8500), (3, 5000, 2, None)):
+            x = (torch.randn(n, v, generator=g) * 3).to(DEV, dt)
+            x[0, 0] = x[1, 2] = 100.0                     # PAD and BOS: never
+            x[2, v - 1] = 90.0                            # past the limit (where there is one), or in the tail
+            lp, tok = fd.beam_candidates(x.clone(), w, limit)
+            want_lp, want_tok = fd.beam_candidates(x.clone(), w, limit, use_triton=False)
+            assert lp.dtype == torch.float32 and tok.shape == (n, w)
+            torch.testing.assert_close(lp, want_lp, atol=TOL[dt] * 2, rtol=TOL[dt])
+            if dt == torch.float32:
+                assert torch.equal(tok, want_tok)
+            else:
+                assert torch.equal(x.gather(1, tok), x.gather(1, want_tok))
+            assert not bool(((tok == 0) | (tok == 2)).any())
+            assert bool((tok < (limit or v)).all()) and (limit is not None or int(tok[2, 0]) == v - 1)
+
+
+@needs_triton
+@pytest.mark.parametrize("eos", [True, False])
+def test_beam_selection_kernel_steps_as_torch_does(eos):
+    """Whole beam-search steps, the two kernels against the torch path from the same logits: the same next
+    tokens, parents, history and finished hypotheses at every step (EOS frequent, sentences at their length
+    limits at different steps), with the step on the device and static (the fixed-length protocol)."""
+    from mqa_repro.decode.search import Beam
+
+    for k in (1, 3, 4):
+        b, steps = 5, 12
+        g = torch.Generator().manual_seed(k)
+        limit = torch.randint(2, steps + 1, (b,), generator=g).to(DEV)
+        pair = [Beam(b, k, steps, DEV, limit_B=limit.clone() if eos else None, eos=eos, vocab_limit=55,
+                     use_triton=use) for use in (True, False)]
+        for s in pair:
+            s.reset(torch.full((b * k,), 2, device=DEV))
+        for t in range(steps):
+            logits = torch.randn(b * k, 64, generator=g).to(DEV) * 2
+            logits[:, 3] += 1.5   # EOS (id 3) often among the best
+            for s in pair:
+                s.step(logits.clone(), torch.tensor([t], device=DEV) if eos else t)
+            got, want = pair
+            for name in ("tok_N", "parent_N", "hist_TN", "parent_TN", "fin_count_B", "done_B"):
+                assert torch.equal(getattr(got, name), getattr(want, name)), (k, t, name)
+            torch.testing.assert_close(got.scores_BK, want.scores_BK)
+            torch.testing.assert_close(got.fin_scores_BK, want.fin_scores_BK)
+            fin = torch.isfinite(want.fin_scores_BK)   # unfilled slots' fields are never read
+            for name in ("fin_step_BK", "fin_row_BK", "fin_tok_BK"):
+                assert torch.equal(getattr(got, name)[fin], getattr(want, name)[fin]), (k, t, name)
+        assert pair[0].results() == pair[1].results()
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU only (the lead runs these on an H200): CUDA graphs of real, padded input
 # --------------------------------------------------------------------------------------------------

@@ -403,7 +403,8 @@ class Engine:
             search = Greedy(rows, steps, dev, limit_N=lim, eos=eos, vocab_limit=self.vocab_limit,
                             tune=self.step.fused and self.step.tune)
         else:
-            search = Beam(rows, beam, steps, dev, alpha=alpha, limit_B=lim, eos=eos, vocab_limit=self.vocab_limit)
+            search = Beam(rows, beam, steps, dev, alpha=alpha, limit_B=lim, eos=eos, vocab_limit=self.vocab_limit,
+                          use_triton=self.step.use_triton)
         return _Work(cache, search, torch.zeros(rows * beam, dtype=torch.long, device=dev),
                      torch.zeros(1, dtype=torch.long, device=dev), pos_max)
 

@@ -35,7 +35,8 @@ class FixedRun:
         vl = engine.vocab_limit
         self.search = (Greedy(batch, steps, dev, eos=False, vocab_limit=vl,
                               tune=engine.step.fused and engine.step.tune) if beam == 1 else
-                       Beam(batch, beam, steps, dev, eos=False, vocab_limit=vl))
+                       Beam(batch, beam, steps, dev, eos=False, vocab_limit=vl,
+                            use_triton=engine.step.use_triton))
         self._bos = torch.full((batch * beam,), BOS, dtype=torch.long, device=dev)
         self.graphs = []
         self.reset()

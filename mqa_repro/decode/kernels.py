@@ -221,6 +221,133 @@ if triton is not None:
         tl.store(o1_ptr + row, first)
         tl.store(o2_ptr + row, first)
 
+    @triton.jit
+    def _beam_candidates_kernel(x_ptr, lp_ptr, tok_ptr, V, stride_x, W: tl.constexpr, W_PAD: tl.constexpr,
+                                BLOCK: tl.constexpr, FORBID_A: tl.constexpr, FORBID_B: tl.constexpr):
+        """Row n of logits x: its W best ids (ids < V except FORBID_A and FORBID_B), best first, ties to the
+        lower id, into tok[n]; their log-probabilities log_softmax(x[n]) (rounded to x's dtype, as
+        torch.log_softmax's output) into lp[n]. Two passes over the row in blocks: its maximum; then
+        sum(exp(x - max)) and the W best so far (rv, ri), each block adding only its values above the
+        current W-th best. One program per row."""
+        row = tl.program_id(0).to(tl.int64)
+        off = tl.arange(0, BLOCK)
+        base = x_ptr + row * stride_x
+        mx = tl.full([BLOCK], float("-inf"), tl.float32)
+        for v0 in range(0, V, BLOCK):
+            idx = v0 + off
+            ok = (idx < V) & (idx != FORBID_A) & (idx != FORBID_B)
+            mx = tl.maximum(mx, tl.load(base + idx, mask=ok, other=float("-inf")).to(tl.float32))
+        m = tl.max(mx, 0)
+        lane = tl.arange(0, W_PAD)
+        rv = tl.where(lane < W, float("-inf"), float("inf"))   # lanes past W are never the worst
+        ri = -1 - lane
+        se = tl.zeros([BLOCK], tl.float32)
+        for v0 in range(0, V, BLOCK):
+            idx = v0 + off
+            ok = (idx < V) & (idx != FORBID_A) & (idx != FORBID_B)
+            x = tl.load(base + idx, mask=ok, other=float("-inf")).to(tl.float32)
+            se += tl.exp(x - m)
+            # ids grow block by block, so a value equal to the W-th best never displaces it
+            n = tl.minimum(tl.sum((x > tl.min(rv, 0)).to(tl.int32), 0), W)
+            for _ in range(n):
+                bv = tl.max(x, 0)
+                bi = tl.min(tl.where(ok & (x == bv), idx, 2147483647), 0)
+                ok = ok & (idx != bi)
+                x = tl.where(idx == bi, float("-inf"), x)
+                worst = tl.min(rv, 0)
+                wi = tl.max(tl.where(rv == worst, ri, -2147483647), 0)   # the worst: lowest value, highest id
+                put = (ri == wi) & (bv > rv)    # rv is the worst at that lane
+                rv = tl.where(put, bv, rv)
+                ri = tl.where(put, bi, ri)
+        log_s = tl.log(tl.sum(se, 0))
+        taken = lane >= W
+        for i in tl.static_range(W):
+            bv = tl.max(tl.where(taken, float("-inf"), rv), 0)
+            bi = tl.min(tl.where(~taken & (rv == bv), ri, 2147483647), 0)
+            taken = taken | (ri == bi)
+            tl.store(tok_ptr + row * W + i, bi.to(tl.int64))
+            tl.store(lp_ptr + row * W + i, ((bv - m) - log_s).to(x_ptr.dtype.element_ty).to(tl.float32))
+
+    @triton.jit(do_not_specialize=["t_static"])
+    def _beam_select_kernel(lp_ptr, tok_ptr, scores_ptr, parent_ptr, tok_n_ptr, hist_ptr, parents_ptr,
+                            limit_ptr, done_ptr, fin_s_ptr, fin_step_ptr, fin_row_ptr, fin_tok_ptr, fin_n_ptr,
+                            lpen_ptr, t_ptr, t_static, lpen_static, N,
+                            K: tl.constexpr, W: tl.constexpr, X_PAD: tl.constexpr, A_PAD: tl.constexpr,
+                            EOS_ID: tl.constexpr, USE_EOS: tl.constexpr, FINISH: tl.constexpr,
+                            T_ON_DEVICE: tl.constexpr):
+        """Sentence b's step of beam search (:meth:`mqa_repro.decode.search.Beam.step`'s rules, after each
+        hypothesis' W best continuations lp/tok): the W best of its K x W candidates (score + lp; ties to the
+        lower candidate), finishing (FINISH: at the length limit the first K, with USE_EOS also EOS among the
+        first K; kept among the K best finished by score / length penalty, ties to the older), and the K
+        alive (the first K non-EOS with USE_EOS, else the first K), written to the scores, parents, history
+        and next tokens. Candidates live in lanes K .. K + W - 1 of the A_PAD-lane vectors (rank r in lane
+        K + r), the finished hypotheses in lanes 0 .. K - 1. One program per sentence."""
+        b = tl.program_id(0).to(tl.int64)
+        if T_ON_DEVICE:
+            t = tl.load(t_ptr)
+            lpen = tl.load(lpen_ptr + t)
+        else:
+            t = t_static
+            lpen = lpen_static
+        x = tl.arange(0, X_PAD)
+        x_ok = x < K * W
+        cand = (tl.load(scores_ptr + b * K + x // W, mask=x_ok, other=float("-inf"))
+                + tl.load(lp_ptr + b * K * W + x, mask=x_ok, other=float("-inf")))
+        a = tl.arange(0, A_PAD)
+        is_new = (a >= K) & (a < K + W)
+        s_new = tl.full([A_PAD], float("-inf"), tl.float32)
+        x_new = tl.zeros([A_PAD], tl.int32)
+        avail = x_ok
+        for i in tl.static_range(W):
+            bv = tl.max(tl.where(avail, cand, float("-inf")), 0)
+            bx = tl.min(tl.where(avail & (cand == bv), x, X_PAD), 0)
+            avail = avail & (x != bx)
+            s_new = tl.where(a == K + i, bv, s_new)
+            x_new = tl.where(a == K + i, bx, x_new)
+        parent = b * K + x_new // W                                   # the hypothesis row each extends
+        tok = tl.load(tok_ptr + b * K * W + x_new, mask=is_new, other=0)
+        rank = a - K
+        if FINISH:
+            last = (t + 1) >= tl.load(limit_ptr + b)
+            done = tl.load(done_ptr + b) != 0
+            first_k = is_new & (rank < K)
+            fin = last & first_k
+            if USE_EOS:
+                fin = fin | ((tok == EOS_ID) & first_k)
+            fin = fin & ~done
+            old = a < K
+            all_s = tl.where(old, tl.load(fin_s_ptr + b * K + a, mask=old, other=float("-inf")),
+                             tl.where(fin, s_new / lpen, float("-inf")))
+            all_step = tl.where(old, tl.load(fin_step_ptr + b * K + a, mask=old, other=0), t)
+            all_row = tl.where(old, tl.load(fin_row_ptr + b * K + a, mask=old, other=0), parent)
+            all_tok = tl.where(old, tl.load(fin_tok_ptr + b * K + a, mask=old, other=0), tok)
+            keep = a < K + W
+            for i in tl.static_range(K):
+                bv = tl.max(tl.where(keep, all_s, float("-inf")), 0)
+                ba = tl.min(tl.where(keep & (all_s == bv), a, A_PAD), 0)
+                keep = keep & (a != ba)
+                sel = a == ba
+                tl.store(fin_s_ptr + b * K + i, bv)
+                tl.store(fin_step_ptr + b * K + i, tl.sum(tl.where(sel, all_step, 0), 0))
+                tl.store(fin_row_ptr + b * K + i, tl.sum(tl.where(sel, all_row, 0), 0))
+                tl.store(fin_tok_ptr + b * K + i, tl.sum(tl.where(sel, all_tok, 0), 0))
+            count = tl.load(fin_n_ptr + b) + tl.sum(fin.to(tl.int64), 0)
+            tl.store(fin_n_ptr + b, count)
+            tl.store(done_ptr + b, (done | (count >= K) | last).to(tl.int1))
+        if USE_EOS:
+            alive = is_new & (tok != EOS_ID)
+            slot = tl.cumsum(alive.to(tl.int32), 0) - 1
+            alive = alive & (slot < K)
+        else:
+            slot = rank
+            alive = is_new & (rank < K)
+        dst = b * K + slot
+        tl.store(scores_ptr + dst, s_new, mask=alive)
+        tl.store(parent_ptr + dst, parent, mask=alive)
+        tl.store(tok_n_ptr + dst, tok, mask=alive)
+        tl.store(hist_ptr + t * N + dst, tok, mask=alive)
+        tl.store(parents_ptr + t * N + dst, parent, mask=alive)
+
 
 # Launch configuration of the decode-attention kernel when it is not tuned (notes/bench.md, an H100): one
 # block of 128 positions, 8 warps once 32 or more query rows share a K/V row (beam 4 x 8 heads of MQA).
@@ -412,6 +539,33 @@ def argmax_into(logits_NV: torch.Tensor, *outs: torch.Tensor, tune: bool = False
         o.copy_(tok)
 
 
+
+
+BEAM_FUSED_MAX = 16   # beams up to this size search with the two kernels below (their selections are loops
+                      # unrolled 2 x beam times); larger ones with torch
+
+
+def beam_fused(logits_NV: torch.Tensor, beam: int) -> bool:
+    """Whether :func:`beam_candidates` and the beam-selection kernel run for these logits and beam size."""
+    return _triton_here(logits_NV) and logits_NV.stride(1) == 1 and beam <= BEAM_FUSED_MAX
+
+
+def beam_candidates(logits_NV: torch.Tensor, w: int, vocab_limit: Optional[int] = None,
+                    use_triton: bool = True) -> tuple:
+    """Each row's ``w`` best continuations under log_softmax, PAD, BOS and ids >= ``vocab_limit`` excluded:
+    (log-probabilities [N, w] fp32, ids [N, w] int64), best first. One kernel on CUDA (two passes over each row,
+    no log-probability matrix written; ties go to the lower id); elsewhere, or with ``use_triton`` False,
+    torch's log_softmax and topk, which also overwrite the excluded logits with -inf in place."""
+    if use_triton and _triton_here(logits_NV) and logits_NV.stride(1) == 1:
+        n, v = logits_NV.shape[0], logits_NV.shape[1] if vocab_limit is None else min(vocab_limit, logits_NV.shape[1])
+        lp = torch.empty(n, w, device=logits_NV.device, dtype=torch.float32)
+        tok = torch.empty(n, w, device=logits_NV.device, dtype=torch.long)
+        _beam_candidates_kernel[(n,)](logits_NV, lp, tok, v, logits_NV.stride(0), W=w,
+                                      W_PAD=triton.next_power_of_2(w), BLOCK=min(4096, triton.next_power_of_2(v)),
+                                      FORBID_A=PAD, FORBID_B=BOS, num_warps=8)
+        return lp, tok
+    top_lp, top_tok = torch.log_softmax(forbid_specials(logits_NV, vocab_limit), -1).topk(w, dim=-1)
+    return top_lp.float(), top_tok
 
 
 def forbid_specials(logits_NV: torch.Tensor, vocab_limit: Optional[int] = None) -> torch.Tensor:

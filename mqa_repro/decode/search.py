@@ -7,7 +7,7 @@ captures one graph per step) or an int64 device tensor of shape [1] (one graph s
 
 Rules (the former ``decode.py``'s, which every BLEU of the project was computed with):
 
-* PAD and BOS are never generated, nor ids >= the vocabulary limit (:func:`forbid_specials`).
+* PAD and BOS are never generated, nor ids >= the vocabulary limit (:func:`~.kernels.forbid_specials`).
 * Greedy: each row stops at EOS or at its own limit (``limit_N``: the most tokens it may emit, EOS included).
 * Beam search follows fairseq's rule, which makes beam size 1 exactly greedy search: each step takes the 2k
   best continuations of every sentence; an EOS continuation is finished only if it ranks among the first k;
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from ..model import EOS, PAD
-from .kernels import argmax_into, forbid_specials
+from . import kernels
+from .kernels import argmax_into, beam_candidates, beam_fused
 
 Step = Union[int, torch.Tensor]
 
@@ -128,10 +129,15 @@ class Beam:
     """Beam search over B sentences x k hypotheses (rows N = B * k, hypothesis n = b * k + j)."""
 
     def __init__(self, batch: int, beam: int, steps: int, device, alpha: float = 0.6,
-                 limit_B: Optional[torch.Tensor] = None, eos: bool = True, vocab_limit: Optional[int] = None):
-        """``limit_B`` None: every sentence runs ``steps`` steps (fixed length)."""
+                 limit_B: Optional[torch.Tensor] = None, eos: bool = True, vocab_limit: Optional[int] = None,
+                 use_triton: bool = True):
+        """``limit_B`` None: every sentence runs ``steps`` steps (fixed length). ``use_triton``: a step is two
+        Triton kernels where they can run (:func:`~mqa_repro.decode.kernels.beam_fused`): each hypothesis'
+        best continuations, then every sentence's selection; otherwise the torch code below (the CPU path
+        and the kernels' reference)."""
         b, k = batch, beam
         self.batch, self.k, self.steps, self.alpha, self.eos, self.vocab_limit = b, k, steps, alpha, eos, vocab_limit
+        self.use_triton = use_triton
         self.width = 2 * k if eos else k     # candidates per sentence (without EOS, the first k are all alive)
         self.limit_B = limit_B if limit_B is not None else torch.full((b,), steps, dtype=torch.long, device=device)
         self.fixed = limit_B is None and not eos
@@ -168,14 +174,18 @@ class Beam:
 
     def step(self, logits_NV: torch.Tensor, t: Step) -> None:
         b, k, w = self.batch, self.k, self.width
-        logp_NV = torch.log_softmax(forbid_specials(logits_NV, self.vocab_limit), -1)
-        top_lp, top_tok = logp_NV.topk(w, dim=-1)                                   # [N, w]
-        cand_BX = (self.scores_BK[:, :, None] + top_lp.float().view(b, k, w)).view(b, k * w)
+        static_last = isinstance(t, int) and t + 1 >= self.steps
+        finish = not self.fixed or static_last
+        fused = self.use_triton and beam_fused(logits_NV, k)
+        top_lp, top_tok = beam_candidates(logits_NV, w, self.vocab_limit, use_triton=fused)   # [N, w]
+        if fused:
+            self._select_fused(top_lp, top_tok, t, finish)
+            return
+        cand_BX = (self.scores_BK[:, :, None] + top_lp.view(b, k, w)).view(b, k * w)
         top_scores, idx = cand_BX.topk(w, dim=-1)                                   # [B, w]
         parent_BW = idx // w                                                        # beam within the sentence
         token_BW = top_tok.view(b, k * w).gather(1, idx)
-        static_last = isinstance(t, int) and t + 1 >= self.steps
-        if not self.fixed or static_last:
+        if finish:
             self._finish(top_scores, parent_BW, token_BW, t)
         if self.eos:   # alive: the first k non-EOS candidates
             is_eos = token_BW == EOS
@@ -191,6 +201,20 @@ class Beam:
         _at(t, self.parent_TN, self.parent_N)
         _at(t, self.hist_TN, a_token.view(-1))
         self.tok_N.copy_(a_token.view(-1))
+
+    def _select_fused(self, top_lp_NW: torch.Tensor, top_tok_NW: torch.Tensor, t: Step, finish: bool) -> None:
+        """The rest of :meth:`step` (and :meth:`_finish`) as one kernel launch, one program per sentence."""
+        k, w = self.k, self.width
+        on_device = not isinstance(t, int)
+        kernels._beam_select_kernel[(self.batch,)](
+            top_lp_NW, top_tok_NW, self.scores_BK, self.parent_N, self.tok_N, self.hist_TN, self.parent_TN,
+            self.limit_B, self.done_B, self.fin_scores_BK, self.fin_step_BK, self.fin_row_BK, self.fin_tok_BK,
+            self.fin_count_B, self.lp_T, t if on_device else self.lp_T, 0 if on_device else t,
+            # a static step's penalty as the torch path divides by it (a Python float)
+            1.0 if on_device else length_penalty(t + 1, self.alpha), self.batch * k,
+            K=k, W=w, X_PAD=kernels.triton.next_power_of_2(k * w), A_PAD=kernels.triton.next_power_of_2(k + w),
+            EOS_ID=EOS,
+            USE_EOS=self.eos, FINISH=finish, T_ON_DEVICE=on_device, num_warps=1)
 
     def _finish(self, top_scores, parent_BW, token_BW, t: Step) -> None:
         """Move this step's finishing candidates into each sentence's k best finished hypotheses."""
