@@ -251,9 +251,11 @@ def _load_run(run_dir: Path, man: dict, checkpoint, device, variant) -> tuple:
     dev = resolve_device(device) if isinstance(device, str) else device
     if dev.type == "cuda":   # decoding runs in float32; TF32 matmuls keep it fast on the GPU
         torch.backends.cuda.matmul.allow_tf32 = True
-        from .decode.kernels import start_triton_warm_up
+        from .decode.kernels import start_warm_up
 
-        start_triton_warm_up()   # Triton's start-up, behind the checkpoint's loading and the dev perplexity
+        # Triton's start-up and cuBLAS's first float32 products, behind the checkpoint's loading and the
+        # perplexities
+        start_warm_up(dev, torch.float32)
     ck = load_checkpoint(ckpt_path)
     ck_th = checkpoint_training_hash(ck)
     recorded = None       # the run's spec as its manifest records it (evaluation settings may be newer)

@@ -298,9 +298,11 @@ def run(target, input: str = "-", output: str = "-", *, command: str = "translat
     rank, world = _dist()
     dev = resolve_device(device)
     if dev.type == "cuda":
-        from .decode.kernels import start_triton_warm_up
+        from .decode.kernels import start_warm_up
 
-        start_triton_warm_up()   # Triton's start-up, behind reading the input and loading the checkpoint
+        # Triton's start-up and cuBLAS's first products in the dtype, behind reading the input and loading
+        # the checkpoint (an unknown dtype is reported later; the products are then skipped)
+        start_warm_up(dev, DTYPES.get(dtype))
     dist_state = init_distributed(dev)
     try:
         if world > 1:

@@ -90,7 +90,7 @@ def run_child(run_dir: Path, path: str, device: str, env_extra: dict) -> dict:
         print("  graph captures (of them without a warm-up step, capture s) per decode: "
               f"{[(d['graph_captures'], d['cold_captures'], round(d['capture_s'], 3)) for d in doc['decodes']]}; "
               f"failed without warm-up {sum(d['cold_capture_failures'] for d in doc['decodes'])}; waited for "
-              f"Triton's warm-up thread {sum(d['triton_warm_up_wait_s'] for d in doc['decodes']):.3f} s; compactions "
+              f"the warm-up thread {sum(d['triton_warm_up_wait_s'] for d in doc['decodes']):.3f} s; compactions "
               f"{[d['compactions'] for d in doc['decodes']]}", flush=True)
     return doc
 

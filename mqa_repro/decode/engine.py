@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..model import BOS, EOS, PAD, Transformer
 from .cache import DecodeCache
 from .fixed import FixedRun
-from .kernels import start_triton_warm_up, triton, wait_triton_warm_up
+from .kernels import start_warm_up, triton, wait_warm_up
 from .search import Beam, Greedy, max_lengths
 from .step import DecoderStep
 
@@ -126,7 +126,7 @@ class Engine:
         self._work: dict = {}
         self._capture_s: Optional[float] = None   # the quickest CUDA graph capture so far (compaction_pays)
         if self.device.type == "cuda" and use_triton is not False:
-            start_triton_warm_up()    # hidden behind whatever the caller does before the first decode
+            start_warm_up()    # hidden behind whatever the caller does before the first decode
 
     # -- public API ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -198,7 +198,7 @@ class Engine:
         """Decode every sequence of ``seqs`` (lengths ``lens`` [N], step limits ``limits`` [N]) in batches of at
         most ``batch_tokens`` tokens; the results in input order. ``progress(n)`` after each batch."""
         self.check_beam(beam)
-        wait_triton_warm_up()
+        wait_warm_up()
         out = [None] * len(seqs)
         for idx in self._batches(lens, batch_tokens):
             ids = self._decode_batch([seqs[i] for i in idx], lens[idx], limits[idx], beam, alpha,

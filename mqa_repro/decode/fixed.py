@@ -11,7 +11,7 @@ import torch
 
 from ..model import BOS, PAD
 from .cache import DecodeCache
-from .kernels import wait_triton_warm_up
+from .kernels import wait_warm_up
 from .search import Beam, Greedy
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ class FixedRun:
     def __init__(self, engine: Engine, batch: int, beam: int, steps: int, src_BS: Optional[torch.Tensor]):
         self.engine, self.steps, self.beam = engine, steps, beam
         m, dev = engine.spec, engine.device
-        wait_triton_warm_up()
+        wait_warm_up()
         self.cache = DecodeCache(len(engine.model.decoder), batch, beam, m.n_kv_heads, m.d_k, m.d_v, steps,
                                  m.window, dev, engine.model.embed.weight.dtype)
         if src_BS is not None:
