@@ -1,6 +1,7 @@
 """The decoder's Triton kernels and their torch fallbacks (same arithmetic; the CPU path and the tests'
 reference): decode attention over a K/V cache, the residual add fused with the next layer norm, the
-embedding fused with the first layer norm, and greedy's argmax.
+embedding fused with the first layer norm, greedy's argmax, and beam search's step (each hypothesis' best
+continuations, then each sentence's selection; its torch reference is :class:`~.search.Beam`'s own code).
 
 Decode attention never repeats K/V: one program per (K/V row, K/V head) batches the H/G query heads of the
 group (and, for encoder-decoder attention under beam search, the beams of one sentence) against that head's
