@@ -251,7 +251,7 @@ def _load_run(run_dir: Path, man: dict, checkpoint, device, variant) -> tuple:
     dev = resolve_device(device) if isinstance(device, str) else device
     if dev.type == "cuda":   # decoding runs in float32; TF32 matmuls keep it fast on the GPU
         torch.backends.cuda.matmul.allow_tf32 = True
-        from .decode.kernels import start_warm_up
+        from .decode.warmup import start_warm_up
 
         # Triton's start-up and cuBLAS's first float32 products, behind the checkpoint's loading and the
         # perplexities

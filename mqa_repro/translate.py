@@ -298,7 +298,7 @@ def run(target, input: str = "-", output: str = "-", *, command: str = "translat
     rank, world = _dist()
     dev = resolve_device(device)
     if dev.type == "cuda":
-        from .decode.kernels import start_warm_up
+        from .decode.warmup import start_warm_up
 
         # Triton's start-up and cuBLAS's first products in the dtype, behind reading the input and loading
         # the checkpoint (an unknown dtype is reported later; the products are then skipped)

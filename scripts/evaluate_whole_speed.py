@@ -4,8 +4,8 @@ Every process runs ``mqa_repro.evaluate.evaluate_run`` on RUN_DIR (dev perplexit
 and beam of the spec) and times each of its decodes (synchronised); everything a fresh process pays is in
 those times: Triton's start-up, kernel loads, CUDA graph captures (the engine's decodes also record how many
 graphs they captured, how many of them without a warm-up step and how many such tries failed, the seconds
-the captures took with their warm-up steps, their compactions, and the seconds spent waiting for Triton's
-warm-up thread). The eager reference path is the same process with the decoding swapped for
+the captures took with their warm-up steps, their compactions, and the seconds spent waiting for the
+warm-up thread of ``mqa_repro.decode.warmup``). The eager reference path is the same process with the decoding swapped for
 ``scripts/evaluate_speed.reference_translate`` (decode.py at 2a7094f).
 Both decode in float32 (TF32 products on CUDA, as `evaluate` sets). Every process uses one Triton cache
 folder of its own (``TRITON_CACHE_DIR``, empty at the start): a first engine process fills it (every kernel
@@ -36,7 +36,7 @@ def child(run_dir: str, path: str, device: str) -> None:
     import torch
 
     import mqa_repro.evaluate as E
-    from mqa_repro.decode import kernels
+    from mqa_repro.decode import warmup
 
     decodes = []
     engine_translate = E.translate
@@ -50,7 +50,7 @@ def child(run_dir: str, path: str, device: str) -> None:
         counts = lambda: (dict(graph_captures=engine.captures, capture_s=engine.capture_seconds,
                                compactions=engine.compactions, cold_captures=engine.cold_captures,
                                cold_capture_failures=engine.cold_capture_failures,
-                               triton_warm_up_wait_s=kernels.WAITED[0]) if engine is not None else None)
+                               triton_warm_up_wait_s=warmup.WAITED[0]) if engine is not None else None)
         c0 = counts()
         t0 = time.perf_counter()
         if path == "eager":

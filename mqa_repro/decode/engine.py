@@ -36,9 +36,10 @@ from ..errors import UserError
 from ..model import BOS, EOS, PAD, Transformer
 from .cache import DecodeCache
 from .fixed import FixedRun
-from .kernels import start_warm_up, triton, wait_warm_up
+from .kernels import triton
 from .search import Beam, Greedy, max_lengths
 from .step import DecoderStep
+from .warmup import start_warm_up, wait_warm_up
 
 CHECK_EVERY = 8          # steps between "is every row done?" checks (each one host synchronisation)
 COMPACT_MIN_ROWS = 64    # a batch of at least this many rows moves its unfinished sentences into a workspace

@@ -11,7 +11,7 @@ import torch
 
 from ..model import BOS, PAD
 from .cache import DecodeCache
-from .kernels import wait_warm_up
+from .warmup import wait_warm_up
 from .search import Beam, Greedy
 
 if TYPE_CHECKING:
