@@ -197,9 +197,8 @@ if triton is not None:
             # ids grow block by block, so a value equal to the W-th best never displaces it
             n = tl.minimum(tl.sum((x > tl.min(rv, 0)).to(tl.int32), 0), W)
             for _ in range(n):
-                bv = tl.max(x, 0)
-                bi = tl.min(tl.where(ok & (x == bv), idx, 2147483647), 0)
-                ok = ok & (idx != bi)
+                bv = tl.max(x, 0)       # a masked lane (-inf) can come out here, but never goes in below
+                bi = tl.min(tl.where(x == bv, idx, 2147483647), 0)
                 x = tl.where(idx == bi, float("-inf"), x)
                 worst = tl.min(rv, 0)
                 wi = tl.max(tl.where(rv == worst, ri, -2147483647), 0)   # the worst: lowest value, highest id

@@ -213,8 +213,7 @@ class Beam:
             # a static step's penalty as the torch path divides by it (a Python float)
             1.0 if on_device else length_penalty(t + 1, self.alpha), self.batch * k,
             K=k, W=w, X_PAD=kernels.triton.next_power_of_2(k * w), A_PAD=kernels.triton.next_power_of_2(k + w),
-            EOS_ID=EOS,
-            USE_EOS=self.eos, FINISH=finish, T_ON_DEVICE=on_device, num_warps=1)
+            EOS_ID=EOS, USE_EOS=self.eos, FINISH=finish, T_ON_DEVICE=on_device, num_warps=1)
 
     def _finish(self, top_scores, parent_BW, token_BW, t: Step) -> None:
         """Move this step's finishing candidates into each sentence's k best finished hypotheses."""
